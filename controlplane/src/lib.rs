@@ -1,1 +1,39 @@
-//! TODO
+//! The Somna control plane: the public `somna.v1` gRPC API that clients,
+//! SDKs and the CLI talk to.
+//!
+//! It owns the sandbox registry (which host runs which sandbox), placement of
+//! new sandboxes onto hosts, and sandbox lifetimes (timeouts). Hosts are
+//! reached through the [`Host`] trait; `somna up` plugs in the host agent of
+//! the same process.
+
+mod host;
+mod registry;
+mod service;
+
+use std::future::Future;
+
+pub use host::{Host, StatusStream};
+pub use service::ControlPlane;
+
+/// HTTP/2 windows sized so one file transfer is not throttled by window
+/// updates.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Serves the public API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    control_plane: ControlPlane,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+        .add_service(control_plane.service())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests;

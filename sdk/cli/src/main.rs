@@ -1,1 +1,62 @@
-fn main() {}
+//! `somna`: the command-line front door of Somna. `somna up` runs a
+//! single-node platform (control plane + host agent); the other commands are
+//! clients of the API at `$SOMNA_ADDR`.
+
+mod cp;
+mod exec;
+mod local_host;
+mod output;
+mod sandbox;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "somna", version, about = "Somna: microVM sandboxes that start instantly")]
+struct Cli {
+    /// Address of the Somna API.
+    #[arg(long, global = true, env = "SOMNA_ADDR", default_value = somna_sdk::DEFAULT_ADDR)]
+    addr: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a single-node platform: control plane and a host agent.
+    Up(up::UpArgs),
+    /// Create, use and destroy sandboxes.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("somna: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up::run(args, cli.json).await.map(|()| 0),
+            Command::Sandbox(cmd) => sandbox::run(cmd, &cli.addr, cli.json).await,
+        }
+    });
+    // Do not wait for blocking readers (e.g. a stdin pump) to finish.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("somna: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,188 @@
-//! TODO
+//! The Rust client of the Somna API (`somna.v1`).
+//!
+//! ```no_run
+//! # async fn demo() -> somna_sdk::Result<()> {
+//! use somna_sdk::{Client, Command, CreateOptions};
+//! let client = Client::from_env().await?;
+//! let sandbox = client.create_sandbox(CreateOptions::new("busybox")).await?;
+//! let out = sandbox.exec(Command::new("echo").arg("hello")).await?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! sandbox.write_file("/tmp/data.txt", b"some bytes".to_vec()).await?;
+//! sandbox.destroy().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! It owns the typed surface (clients, sandboxes, commands, files) over the
+//! generated gRPC stubs, which stay available as [`proto`].
+
+mod error;
+mod exec;
+mod files;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use somna_proto::v1::sandboxes_client::SandboxesClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub use error::{Error, Result};
+pub use exec::{Command, ExecEvent, Output, Process};
+pub use files::WriteOptions;
+pub use somna_proto::v1 as proto;
+
+/// Where `somna up` listens by default.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7477";
+
+/// A connection to a Somna control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    rpc: SandboxesClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `addr` (`http://host:port`; a bare `host:port` is
+    /// accepted too).
+    pub async fn connect(addr: &str) -> Result<Client> {
+        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| Error::InvalidAddress { addr: addr.to_string(), reason: e.to_string() })?
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| Error::Connect {
+            addr: uri,
+            reason: source_chain(&e),
+        })?;
+        Ok(Client {
+            rpc: SandboxesClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        })
+    }
+
+    /// Connects to `$SOMNA_ADDR`, or the local `somna up` when unset.
+    pub async fn from_env() -> Result<Client> {
+        let addr = std::env::var("SOMNA_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_string());
+        Client::connect(&addr).await
+    }
+
+    /// The generated gRPC client, for calls the typed API does not cover.
+    pub fn rpc(&self) -> SandboxesClient<Channel> {
+        self.rpc.clone()
+    }
+
+    /// Creates a sandbox and returns once it accepts exec.
+    pub async fn create_sandbox(&self, options: CreateOptions) -> Result<Sandbox> {
+        let req = proto::CreateSandboxRequest {
+            image: options.image,
+            cpus: options.cpus,
+            memory_mib: options.memory_mib,
+            disk_mib: options.disk_mib,
+            env: options.env.into_iter().collect(),
+            timeout_seconds: options.timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
+        };
+        let info = self.rpc().create_sandbox(req).await?.into_inner();
+        Ok(Sandbox { client: self.clone(), info })
+    }
+
+    /// A handle to an existing sandbox.
+    pub async fn sandbox(&self, id: &str) -> Result<Sandbox> {
+        let info = self.rpc().get_sandbox(proto::GetSandboxRequest { id: id.to_string() }).await?.into_inner();
+        Ok(Sandbox { client: self.clone(), info })
+    }
+
+    pub async fn list_sandboxes(&self) -> Result<Vec<proto::Sandbox>> {
+        Ok(self.rpc().list_sandboxes(proto::ListSandboxesRequest {}).await?.into_inner().sandboxes)
+    }
+
+    pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
+        self.rpc()
+            .destroy_sandbox(proto::DestroySandboxRequest { id: id.to_string() })
+            .await?;
+        Ok(())
+    }
+}
+
+/// What to create a sandbox from. Unset sizes take the host's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    pub env: BTreeMap<String, String>,
+    /// Destroy the sandbox this long after creation.
+    pub timeout: Option<Duration>,
+}
+
+impl CreateOptions {
+    pub fn new(image: impl Into<String>) -> Self {
+        CreateOptions { image: image.into(), ..Default::default() }
+    }
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
+        self
+    }
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+    pub fn disk_mib(mut self, mib: u32) -> Self {
+        self.disk_mib = mib;
+        self
+    }
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A sandbox: a microVM running an image.
+#[derive(Clone)]
+pub struct Sandbox {
+    client: Client,
+    info: proto::Sandbox,
+}
+
+impl Sandbox {
+    pub fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    /// The sandbox's record as of creation or the last [`Sandbox::refresh`].
+    pub fn info(&self) -> &proto::Sandbox {
+        &self.info
+    }
+
+    pub async fn refresh(&mut self) -> Result<&proto::Sandbox> {
+        self.info = self.client.sandbox(&self.info.id).await?.info;
+        Ok(&self.info)
+    }
+
+    /// Stops the VM and removes the sandbox and its data.
+    pub async fn destroy(self) -> Result<()> {
+        self.client.destroy_sandbox(&self.info.id).await
+    }
+
+    fn rpc(&self) -> SandboxesClient<Channel> {
+        self.client.rpc()
+    }
+}
+
+/// `e` and its sources, for errors whose top-level message is vague
+/// ("transport error").
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

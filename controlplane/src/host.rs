@@ -1,0 +1,51 @@
+//! The control plane's view of a host agent. `somna up` plugs in the agent
+//! running in the same process; remote agents (joining over the network)
+//! implement the same trait.
+//!
+//! Requests and replies are the public `somna.v1` messages, and errors are
+//! gRPC statuses, so a remote implementation is a thin relay.
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use somna_proto::v1::{
+    CreateSandboxRequest, ExecRequest, ExecResponse, ExecStart, FileChunk, FileInfo, ListFilesRequest,
+    ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest, RenameFileRequest, Sandbox,
+    StatFileRequest, WriteFileRequest, WriteFileResponse, WriteFileStart,
+};
+use tonic::Status;
+
+pub type StatusStream<T> = BoxStream<'static, Result<T, Status>>;
+
+#[async_trait]
+pub trait Host: Send + Sync + 'static {
+    /// The host's name.
+    fn id(&self) -> &str;
+
+    /// Boots a sandbox; returns once it accepts exec. The request's
+    /// `timeout_seconds` is the control plane's business and is ignored.
+    async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<Sandbox, Status>;
+    async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
+    async fn list_sandboxes(&self) -> Result<Vec<Sandbox>, Status>;
+    async fn destroy_sandbox(&self, id: &str) -> Result<(), Status>;
+
+    /// Runs a process: `start` was the first message of the client's
+    /// stream, `rest` are the messages after it.
+    async fn exec(
+        &self,
+        start: ExecStart,
+        rest: BoxStream<'static, ExecRequest>,
+    ) -> Result<StatusStream<ExecResponse>, Status>;
+
+    async fn read_file(&self, req: ReadFileRequest) -> Result<StatusStream<FileChunk>, Status>;
+    /// `start` was the first message; `rest` carries the data chunks.
+    async fn write_file(
+        &self,
+        start: WriteFileStart,
+        rest: BoxStream<'static, WriteFileRequest>,
+    ) -> Result<WriteFileResponse, Status>;
+    async fn stat_file(&self, req: StatFileRequest) -> Result<FileInfo, Status>;
+    async fn list_files(&self, req: ListFilesRequest) -> Result<ListFilesResponse, Status>;
+    async fn make_dir(&self, req: MakeDirRequest) -> Result<FileInfo, Status>;
+    async fn remove_file(&self, req: RemoveFileRequest) -> Result<(), Status>;
+    async fn rename_file(&self, req: RenameFileRequest) -> Result<(), Status>;
+}

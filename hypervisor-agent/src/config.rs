@@ -1,0 +1,125 @@
+//! Agent configuration, with the embedded defaults `somna up` uses.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::accel::AccelMode;
+use crate::vmm::ChannelKind;
+
+/// Where the guest kernel and initramfs live (built by `scripts/setup.sh`).
+#[derive(Debug, Clone)]
+pub struct GuestArtifacts {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl GuestArtifacts {
+    /// `dir/vmlinux` and `dir/initramfs.img`, checked to exist.
+    pub fn in_dir(dir: &Path) -> Result<Self, String> {
+        let g = GuestArtifacts {
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs.img"),
+        };
+        for p in [&g.kernel, &g.initramfs] {
+            if !p.is_file() {
+                return Err(format!(
+                    "guest artifact {} is missing: run scripts/setup.sh (it builds the guest kernel and initramfs) or point --guest-dir at them",
+                    p.display()
+                ));
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// Sizes a sandbox gets when the request leaves them at 0, and the largest
+/// sizes one sandbox may ask for.
+#[derive(Debug, Clone)]
+pub struct SandboxLimits {
+    pub default_cpus: u32,
+    pub default_memory_mib: u32,
+    pub default_disk_mib: u32,
+    pub max_cpus: u32,
+    pub max_memory_mib: u32,
+    pub max_disk_mib: u32,
+    pub min_memory_mib: u32,
+    pub min_disk_mib: u32,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        SandboxLimits {
+            default_cpus: 1,
+            default_memory_mib: 512,
+            default_disk_mib: 1024,
+            max_cpus: host_cpus.max(1),
+            max_memory_mib: 64 * 1024,
+            max_disk_mib: 256 * 1024,
+            min_memory_mib: 128,
+            min_disk_mib: 64,
+        }
+    }
+}
+
+/// Which agent channel guests get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelMode {
+    /// vsock where the host has vhost-vsock, virtio-serial otherwise.
+    Auto,
+    Fixed(ChannelKind),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Name of this host in listings.
+    pub host_id: String,
+    /// State: `vms/` (run directories), `images/` (cache), the probe cache.
+    pub data_dir: PathBuf,
+    /// Directory holding `vmlinux` and `initramfs.img`.
+    pub guest_dir: PathBuf,
+    /// Directories of local OCI image layouts (`<dir>/<name>/index.json`).
+    pub image_dirs: Vec<PathBuf>,
+    pub qemu_binary: PathBuf,
+    pub accel: AccelMode,
+    pub channel: ChannelMode,
+    /// How long the KVM probe guest may take to report in.
+    pub probe_timeout: Duration,
+    /// How long a sandbox guest may take to answer after its VMM starts.
+    pub boot_timeout: Duration,
+    pub limits: SandboxLimits,
+}
+
+impl AgentConfig {
+    /// The embedded defaults: state under `/var/lib/somna`, guest artifacts
+    /// in `/usr/local/lib/somna/guest`, images in `/var/lib/somna/oci`.
+    pub fn with_defaults() -> Self {
+        let data_dir = PathBuf::from("/var/lib/somna");
+        AgentConfig {
+            host_id: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into()),
+            image_dirs: vec![data_dir.join("oci")],
+            data_dir,
+            guest_dir: PathBuf::from("/usr/local/lib/somna/guest"),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: AccelMode::Auto,
+            channel: ChannelMode::Auto,
+            probe_timeout: Duration::from_secs(10),
+            boot_timeout: Duration::from_secs(60),
+            limits: SandboxLimits::default(),
+        }
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.data_dir.join("vms")
+    }
+
+    pub fn image_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+
+    pub fn accel_cache_file(&self) -> PathBuf {
+        self.data_dir.join("accel-probe.json")
+    }
+}

@@ -1,0 +1,164 @@
+//! The VMM driver interface. A driver turns a [`VmSpec`] into a running VM
+//! process and gives back a [`Vm`] handle; everything above it (sandboxes,
+//! crash recovery, the guest client) is driver-independent.
+//!
+//! The shape follows what both supported VMMs can do: QEMU (command line +
+//! QMP) and Cloud Hypervisor (REST API: `vm.create` with a payload, disks,
+//! vsock, serial; `vm.boot`, `vm.pause`, `vm.shutdown`, ...).
+
+pub mod qemu;
+pub mod qmp;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::rundir::VmDir;
+
+/// How guest instructions are executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation (Tiny Code Generator).
+    Tcg,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+impl fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A block device for the guest. The guest finds disks by `serial`.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: String,
+}
+
+/// The transport of the host↔guest agent channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// A virtio-serial port backed by a Unix socket on the host. Works
+    /// everywhere, including hosts without vhost-vsock.
+    Serial,
+    /// virtio-vsock (vhost-vsock in QEMU, hybrid vsock in Cloud Hypervisor).
+    Vsock,
+}
+
+impl ChannelKind {
+    /// The value of the guest's `somna.channel=` kernel parameter.
+    pub fn cmdline_value(self) -> &'static str {
+        match self {
+            ChannelKind::Serial => "serial",
+            ChannelKind::Vsock => "vsock",
+        }
+    }
+}
+
+/// Everything a driver needs to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The complete kernel command line.
+    pub cmdline: String,
+    pub disks: Vec<DiskSpec>,
+    pub channel: ChannelKind,
+    pub accelerator: Accelerator,
+}
+
+/// Where the host reaches the guest agent of a running VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A Unix socket whose byte stream is the guest's virtio-serial port.
+    SerialSocket(PathBuf),
+    /// A kernel vsock address (QEMU with vhost-vsock).
+    Vsock { cid: u32, port: u32 },
+}
+
+/// How a VM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// Exit code, when the VMM exited by itself.
+    pub code: Option<i32>,
+    /// Signal number, when the VMM was killed.
+    pub signal: Option<i32>,
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exited with status {c}"),
+            (None, Some(s)) => write!(f, "killed by signal {s}"),
+            (None, None) => f.write_str("ended"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot start {binary}: {source}; install it (apt-get install qemu-system-x86) or set the VMM path")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("VMM for {id} failed: {what}")]
+    Failed { id: String, what: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("QMP: {0}")]
+    Qmp(#[from] qmp::QmpError),
+}
+
+/// A VMM driver.
+#[async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    /// Short name for logs and `somna host ls` ("qemu", "cloud-hypervisor").
+    fn name(&self) -> &'static str;
+
+    /// The agent channel this driver gives guests on this host.
+    fn channel(&self) -> ChannelKind;
+
+    /// Start a VM for `spec`, with its sockets, logs and pid file in `dir`.
+    /// Returns once the VMM process runs; the guest may still be booting.
+    async fn launch(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn Vm>, VmmError>;
+}
+
+/// A running VM process.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    /// PID of the VMM process on the host.
+    fn pid(&self) -> u32;
+
+    /// Where the guest agent answers.
+    fn agent_endpoint(&self) -> AgentEndpoint;
+
+    /// Resolves when the VMM process has exited (immediately if it already has).
+    async fn wait_exit(&self) -> VmExit;
+
+    /// The exit, if the VMM has already exited.
+    fn try_exit(&self) -> Option<VmExit>;
+
+    /// Stop the VM now (SIGKILL to the VMM) and wait until the process is gone.
+    async fn kill(&self) -> VmExit;
+}

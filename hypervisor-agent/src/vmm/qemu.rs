@@ -1,0 +1,321 @@
+//! The QEMU driver: Debian's `qemu-system-x86_64` with the `microvm` machine
+//! (no PCI, no firmware: the ELF kernel boots through PVH, devices are
+//! virtio-mmio described by ACPI), controlled by its command line and QMP.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::{AgentEndpoint, Accelerator, ChannelKind, Vm, VmExit, VmSpec, Vmm, VmmError};
+use crate::rundir::VmDir;
+
+/// Drives `qemu-system-x86_64`.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    binary: PathBuf,
+    channel: ChannelKind,
+}
+
+impl QemuVmm {
+    /// `channel`: the agent channel to give guests. Use
+    /// [`QemuVmm::default_channel`] to pick by what the host supports.
+    pub fn new(binary: PathBuf, channel: ChannelKind) -> Self {
+        QemuVmm { binary, channel }
+    }
+
+    /// vsock where the host has vhost-vsock, virtio-serial otherwise.
+    pub fn default_channel() -> ChannelKind {
+        if Path::new("/dev/vhost-vsock").exists() {
+            ChannelKind::Vsock
+        } else {
+            ChannelKind::Serial
+        }
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// `qemu-system-x86_64 --version`, first line.
+    pub async fn version(&self) -> Result<String, VmmError> {
+        let out = tokio::process::Command::new(&self.binary)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| VmmError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    }
+
+    /// The guest CID for a VM on vhost-vsock: derived from the id so that it
+    /// is stable for the VM's life; 0-2 are reserved by vsock.
+    fn vsock_cid(id: &str) -> u32 {
+        // FNV-1a; collisions only matter between VMs alive at the same time.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in id.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        3 + h % (i32::MAX as u32 - 3)
+    }
+
+    /// The complete QEMU command line for `spec` (without the binary).
+    pub fn args(&self, spec: &VmSpec, dir: &VmDir) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(OsString::from(s));
+        push("-name");
+        push(&format!("somna-{}", spec.id));
+        push("-machine");
+        push("microvm");
+        match spec.accelerator {
+            Accelerator::Kvm => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accelerator::Tcg => {
+                push("-accel");
+                push("tcg,thread=multi");
+                push("-cpu");
+                push("max");
+            }
+        }
+        push("-smp");
+        push(&spec.cpus.to_string());
+        push("-m");
+        push(&format!("{}M", spec.memory_mib));
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            push(flag);
+        }
+        push("-display");
+        push("none");
+        // Seccomp: QEMU may not spawn processes, raise privileges or change
+        // scheduling/resource limits.
+        push("-sandbox");
+        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+        let mut a = a;
+        let path = |p: &Path| p.display().to_string();
+        a.push("-kernel".into());
+        a.push(spec.kernel.clone().into_os_string());
+        a.push("-initrd".into());
+        a.push(spec.initramfs.clone().into_os_string());
+        a.push("-append".into());
+        a.push(spec.cmdline.clone().into());
+        a.push("-serial".into());
+        a.push(format!("file:{}", path(&dir.console_log())).into());
+        for (i, disk) in spec.disks.iter().enumerate() {
+            a.push("-drive".into());
+            a.push(
+                format!(
+                    "id=disk{i},file={},format=raw,if=none,readonly={},discard=unmap",
+                    escape_opt(&path(&disk.path)),
+                    if disk.read_only { "on" } else { "off" },
+                )
+                .into(),
+            );
+            a.push("-device".into());
+            a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
+        }
+        match spec.channel {
+            ChannelKind::Serial => {
+                a.push("-device".into());
+                a.push("virtio-serial-device,max_ports=2".into());
+                a.push("-chardev".into());
+                a.push(
+                    format!(
+                        "socket,id=agent,path={},server=on,wait=off",
+                        escape_opt(&path(&dir.agent_socket()))
+                    )
+                    .into(),
+                );
+                a.push("-device".into());
+                a.push(format!("virtserialport,chardev=agent,name={}", somna_proto::GUEST_SERIAL_PORT_NAME).into());
+            }
+            ChannelKind::Vsock => {
+                a.push("-device".into());
+                a.push(format!("vhost-vsock-device,guest-cid={}", Self::vsock_cid(&spec.id)).into());
+            }
+        }
+        a.push("-device".into());
+        a.push("virtio-rng-device".into());
+        a.push("-qmp".into());
+        a.push(format!("unix:{},server=on,wait=off", escape_opt(&path(&dir.qmp_socket()))).into());
+        a
+    }
+}
+
+/// QEMU option values separate with ','; a literal comma is written ",,".
+fn escape_opt(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn channel(&self) -> ChannelKind {
+        self.channel
+    }
+
+    async fn launch(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn Vm>, VmmError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| VmmError::Io { what, source }
+        };
+        let log = std::fs::File::create(dir.vmm_log()).map_err(io("create VMM log"))?;
+        let log2 = log.try_clone().map_err(io("clone VMM log fd"))?;
+        let mut child = tokio::process::Command::new(&self.binary)
+            .args(self.args(spec, dir))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Own process group: a Ctrl-C meant for `somna up` must not reach
+            // the VMs directly; the agent decides how they end.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| VmmError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        dir.write_pid(pid).map_err(io("write pid file"))?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    VmExit {
+                        code: status.code(),
+                        signal: status.signal(),
+                    }
+                }
+                Err(_) => VmExit {
+                    code: None,
+                    signal: None,
+                },
+            };
+            let _ = tx.send(Some(exit));
+        });
+        let endpoint = match spec.channel {
+            ChannelKind::Serial => AgentEndpoint::SerialSocket(dir.agent_socket()),
+            ChannelKind::Vsock => AgentEndpoint::Vsock {
+                cid: Self::vsock_cid(&spec.id),
+                port: somna_proto::GUEST_VSOCK_PORT,
+            },
+        };
+        tracing::debug!(id = %spec.id, pid, accel = %spec.accelerator, "qemu started");
+        Ok(Box::new(QemuVm { pid, endpoint, exit: rx }))
+    }
+}
+
+/// A running QEMU process.
+pub struct QemuVm {
+    pid: u32,
+    endpoint: AgentEndpoint,
+    exit: watch::Receiver<Option<VmExit>>,
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        self.endpoint.clone()
+    }
+
+    async fn wait_exit(&self) -> VmExit {
+        let mut rx = self.exit.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(VmExit { code: None, signal: None }),
+            // The waiter task is gone only if the runtime is shutting down.
+            Err(_) => VmExit { code: None, signal: None },
+        }
+    }
+
+    fn try_exit(&self) -> Option<VmExit> {
+        self.exit.borrow().clone()
+    }
+
+    async fn kill(&self) -> VmExit {
+        if self.try_exit().is_none() {
+            // SAFETY: kill(2) on the pid of our own child, which is not yet
+            // reaped (the waiter has not reported an exit), so it cannot have
+            // been recycled.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        self.wait_exit().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::DiskSpec;
+
+    fn spec(channel: ChannelKind, accel: Accelerator) -> VmSpec {
+        VmSpec {
+            id: "sbx-test".into(),
+            cpus: 2,
+            memory_mib: 256,
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.img".into(),
+            cmdline: "console=ttyS0 somna.id=sbx-test".into(),
+            disks: vec![
+                DiskSpec { path: "/c/root,1.ext4".into(), read_only: true, serial: "somna-root".into() },
+                DiskSpec { path: "/r/rw.ext4".into(), read_only: false, serial: "somna-rw".into() },
+            ],
+            channel,
+            accelerator: accel,
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn serial_channel_command_line() {
+        let dir = VmDir::open("/run/somna/vms/sbx-test".into());
+        let vmm = QemuVmm::new("qemu-system-x86_64".into(), ChannelKind::Serial);
+        let args = joined(&vmm.args(&spec(ChannelKind::Serial, Accelerator::Tcg), &dir));
+        assert!(args.contains("-machine microvm"), "{args}");
+        assert!(args.contains("-accel tcg,thread=multi -cpu max"), "{args}");
+        assert!(args.contains("file=/c/root,,1.ext4,format=raw,if=none,readonly=on"), "{args}");
+        assert!(args.contains("virtio-blk-device,drive=disk0,serial=somna-root"), "{args}");
+        assert!(args.contains("readonly=off"), "{args}");
+        assert!(args.contains("path=/run/somna/vms/sbx-test/agent.sock,server=on,wait=off"), "{args}");
+        assert!(args.contains("virtserialport,chardev=agent,name=somna.agent"), "{args}");
+        assert!(!args.contains("vsock"), "{args}");
+        assert!(args.contains("-serial file:/run/somna/vms/sbx-test/console.log"), "{args}");
+    }
+
+    #[test]
+    fn vsock_channel_and_kvm_command_line() {
+        let dir = VmDir::open("/run/somna/vms/sbx-test".into());
+        let vmm = QemuVmm::new("qemu-system-x86_64".into(), ChannelKind::Vsock);
+        let args = joined(&vmm.args(&spec(ChannelKind::Vsock, Accelerator::Kvm), &dir));
+        assert!(args.contains("-accel kvm -cpu host"), "{args}");
+        let cid = QemuVmm::vsock_cid("sbx-test");
+        assert!(cid >= 3);
+        assert!(args.contains(&format!("vhost-vsock-device,guest-cid={cid}")), "{args}");
+        assert!(!args.contains("virtserialport"), "{args}");
+    }
+}

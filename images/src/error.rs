@@ -1,0 +1,220 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// What kind of failure an [`ImageError`] is, for callers that map errors to
+/// API status codes (e.g. gRPC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller passed something malformed (a bad reference, a bad size).
+    InvalidArgument,
+    /// The image, tag or platform does not exist where we looked.
+    NotFound,
+    /// The host is not set up for this (a tool is missing, the cache is in
+    /// use by another process, an unsupported format).
+    FailedPrecondition,
+    /// Stored content is corrupt or inconsistent (digest or size mismatch,
+    /// malformed JSON or tar).
+    DataLoss,
+    /// Anything else (I/O errors).
+    Internal,
+}
+
+/// Everything that can go wrong in this crate. Messages say what failed and,
+/// where there is one, what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error(
+        "image {reference} not found: no OCI image layout {name}/ (with oci-layout and index.json) in {}; \
+         pulling from registries is not supported yet, so build a local layout first \
+         (somna-mkimage, or the recipes in images/recipes/)",
+        format_dirs(searched)
+    )]
+    ImageNotFound {
+        reference: String,
+        name: String,
+        searched: Vec<PathBuf>,
+    },
+
+    #[error(
+        "image {reference}: the layout {} has no manifest tagged {wanted} (tags present: {})",
+        layout.display(),
+        if available.is_empty() { "none".to_string() } else { available.join(", ") }
+    )]
+    TagNotFound {
+        reference: String,
+        wanted: String,
+        layout: PathBuf,
+        available: Vec<String>,
+    },
+
+    #[error(
+        "image {reference}: index {index} has no linux/amd64 manifest (platforms present: {})",
+        if available.is_empty() { "none".to_string() } else { available.join(", ") }
+    )]
+    PlatformNotFound {
+        reference: String,
+        index: String,
+        available: Vec<String>,
+    },
+
+    #[error("image {reference} is for {platform}; Somna runs linux/amd64 guests only")]
+    UnsupportedPlatform { reference: String, platform: String },
+
+    #[error("{what}: unsupported media type {media_type:?}")]
+    UnsupportedMediaType { what: String, media_type: String },
+
+    #[error("{path}: not a valid OCI image layout: {reason}", path = path.display())]
+    InvalidLayout { path: PathBuf, reason: String },
+
+    #[error(
+        "blob {digest} ({what}) at {path} is corrupt: expected {expected_size} bytes with that digest, \
+         found {actual_size} bytes with digest {actual}; re-create the image layout",
+        path = path.display()
+    )]
+    DigestMismatch {
+        what: String,
+        digest: String,
+        path: PathBuf,
+        expected_size: u64,
+        actual_size: u64,
+        actual: String,
+    },
+
+    #[error(
+        "layer {digest}: its uncompressed content has digest {actual} but the image config lists diff_id {expected}; \
+         the image is inconsistent, re-create it"
+    )]
+    DiffIdMismatch {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("blob {digest} ({what}) is missing: {path} does not exist; the image layout is incomplete",
+        path = path.display())]
+    BlobMissing {
+        what: String,
+        digest: String,
+        path: PathBuf,
+    },
+
+    #[error(
+        "blob {digest} ({what}) is {size} bytes, over the limit of {limit} bytes for that kind of blob"
+    )]
+    BlobTooLarge {
+        what: String,
+        digest: String,
+        size: u64,
+        limit: u64,
+    },
+
+    #[error("{what} {digest}: malformed: {reason}")]
+    MalformedBlob {
+        what: String,
+        digest: String,
+        reason: String,
+    },
+
+    #[error("layer {layer}: entry {entry:?}: {reason}")]
+    InvalidLayerEntry {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+
+    #[error("layer {layer}: {reason}")]
+    InvalidLayer { layer: String, reason: String },
+
+    #[error("{tool} not found (looked in PATH, /usr/sbin and /sbin): install {package}")]
+    ToolMissing { tool: String, package: String },
+
+    #[error("{tool} failed ({status}) {what}: {stderr}")]
+    ToolFailed {
+        tool: String,
+        what: String,
+        status: String,
+        stderr: String,
+    },
+
+    #[error(
+        "the image cache {path} is in use by another process (lock file {path}/.lock is held); \
+         run one image store per cache directory",
+        path = path.display()
+    )]
+    CacheBusy { path: PathBuf },
+
+    #[error("{what} {path}: {source}", path = path.display())]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn format_dirs(dirs: &[PathBuf]) -> String {
+    if dirs.is_empty() {
+        return "no directories (no local image directory is configured)".to_string();
+    }
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl ImageError {
+    /// The kind of failure, for mapping to status codes.
+    pub fn kind(&self) -> ErrorKind {
+        use ImageError::*;
+        match self {
+            InvalidReference { .. } | InvalidArgument(_) => ErrorKind::InvalidArgument,
+            ImageNotFound { .. } | TagNotFound { .. } | PlatformNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            UnsupportedPlatform { .. }
+            | UnsupportedMediaType { .. }
+            | ToolMissing { .. }
+            | CacheBusy { .. } => ErrorKind::FailedPrecondition,
+            InvalidLayout { .. }
+            | DigestMismatch { .. }
+            | DiffIdMismatch { .. }
+            | BlobMissing { .. }
+            | BlobTooLarge { .. }
+            | MalformedBlob { .. }
+            | InvalidLayerEntry { .. }
+            | InvalidLayer { .. } => ErrorKind::DataLoss,
+            ToolFailed { .. } | Io { .. } => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn io(
+        what: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        ImageError::Io {
+            what: what.into(),
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Adds "what, where" context to `std::io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: &str, path: &std::path::Path) -> Result<T, ImageError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, what: &str, path: &std::path::Path) -> Result<T, ImageError> {
+        self.map_err(|e| ImageError::io(what, path, e))
+    }
+}

@@ -1,0 +1,249 @@
+//! Throwaway single-node Somna platforms for end-to-end tests and
+//! benchmarks: `somna up` as a child process with its own data directory,
+//! real microVMs, and a cleanup that leaves no VMM process or file behind —
+//! also when the test fails or the platform was killed.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Guest kernel/initramfs and test images, as built by `scripts/setup.sh`.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub guest_dir: PathBuf,
+    pub image_dir: PathBuf,
+}
+
+impl Artifacts {
+    /// `$SOMNA_TEST_GUEST_DIR` and `$SOMNA_TEST_IMAGE_DIR`, else the
+    /// workspace's `build/guest` and `build/images`. Panics with what to do
+    /// when they are missing: end-to-end tests must fail, not skip.
+    pub fn from_env() -> Artifacts {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = |var: &str, default: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join(default))
+        };
+        let a = Artifacts {
+            guest_dir: dir("SOMNA_TEST_GUEST_DIR", "build/guest"),
+            image_dir: dir("SOMNA_TEST_IMAGE_DIR", "build/images"),
+        };
+        for needed in [
+            a.guest_dir.join("vmlinux"),
+            a.guest_dir.join("initramfs.img"),
+            a.image_dir.join("busybox/index.json"),
+            a.image_dir.join("python/index.json"),
+        ] {
+            assert!(
+                needed.exists(),
+                "{} is missing: run `scripts/setup.sh build` (as root) first",
+                needed.display()
+            );
+        }
+        a
+    }
+}
+
+/// How to start a platform.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `somna` binary.
+    pub somna: PathBuf,
+    pub artifacts: Artifacts,
+    /// `--accel`: "tcg" by default so tests do not each pay for a KVM probe.
+    pub accel: String,
+    /// Extra arguments for `somna up`.
+    pub extra_args: Vec<String>,
+}
+
+impl Options {
+    pub fn new(somna: impl Into<PathBuf>) -> Options {
+        Options {
+            somna: somna.into(),
+            artifacts: Artifacts::from_env(),
+            accel: "tcg".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running `somna up`.
+pub struct Platform {
+    options: Options,
+    data_dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`
+    pub addr: String,
+    pub accelerator: String,
+    pub accelerator_reason: String,
+}
+
+impl Platform {
+    /// Starts `somna up` on a free loopback port and waits until it serves.
+    pub fn start(options: Options) -> Platform {
+        let data_dir = tempfile::Builder::new()
+            .prefix("somna-test-")
+            .tempdir()
+            .expect("create a temporary data directory");
+        let mut p = Platform {
+            options,
+            data_dir,
+            child: None,
+            addr: String::new(),
+            accelerator: String::new(),
+            accelerator_reason: String::new(),
+        };
+        p.launch();
+        p
+    }
+
+    fn launch(&mut self) {
+        let o = &self.options;
+        let mut child = Command::new(&o.somna)
+            .arg("--json")
+            .arg("up")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .arg("--guest-dir")
+            .arg(&o.artifacts.guest_dir)
+            .arg("--image-dir")
+            .arg(&o.artifacts.image_dir)
+            .args(["--accel", &o.accel])
+            .args(&o.extra_args)
+            .env("SOMNA_LOG", std::env::var("SOMNA_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", o.somna.display()));
+        let stdout = child.stdout.take().expect("somna up stdout");
+        let mut line = String::new();
+        let n = BufReader::new(stdout).read_line(&mut line).unwrap_or(0);
+        if n == 0 {
+            let status = child.wait().ok();
+            panic!("somna up exited before serving ({status:?}); see its log above");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad `somna up` line {line:?}: {e}"));
+        self.addr = v["addr"].as_str().unwrap_or_default().to_string();
+        self.accelerator = v["accelerator"].as_str().unwrap_or_default().to_string();
+        self.accelerator_reason = v["accelerator_reason"].as_str().unwrap_or_default().to_string();
+        self.child = Some(child);
+    }
+
+    /// A client of this platform.
+    pub async fn client(&self) -> somna_sdk::Client {
+        somna_sdk::Client::connect(&self.addr).await.expect("connect to somna up")
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// Run directories of VMs that exist on the host.
+    pub fn vm_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.data_dir().join("vms"))
+            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        dirs.sort();
+        dirs
+    }
+
+    /// PIDs of live processes (VMMs) whose command line mentions this
+    /// platform's run directories, excluding `somna up` itself.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let vms = self.data_dir().join("vms");
+        let own = self.child.as_ref().map(|c| c.id());
+        processes_mentioning(&vms).into_iter().filter(|p| Some(*p) != own).collect()
+    }
+
+    /// `somna` CLI command pointed at this platform.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(&self.options.somna);
+        c.env("SOMNA_ADDR", &self.addr);
+        c
+    }
+
+    /// SIGKILL `somna up` (VMs it started keep running, as after a crash).
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `somna up` again on the same data directory.
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        self.launch();
+    }
+
+    /// Stops `somna up` gracefully (SIGTERM: it destroys its sandboxes).
+    /// Returns true if it exited in time.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.stop();
+        // Safety net for failed tests and hard kills: no VMM may outlive
+        // the platform.
+        for pid in processes_mentioning(&self.data_dir().join("vms")) {
+            // SAFETY: kill(2); the pid's command line names our data dir.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Live processes with an argument containing `path`.
+pub fn processes_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        if raw.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(&needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+/// For conditions that have no notification to wait on (process exit seen
+/// from outside, files appearing).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

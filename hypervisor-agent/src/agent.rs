@@ -30,6 +30,8 @@ pub struct Agent {
     guest: GuestArtifacts,
     vmm: Arc<dyn Vmm>,
     accel: AccelChoice,
+    /// Kernel parameters every guest gets on this host.
+    kernel_args: String,
     images: ImageStore,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
 }
@@ -37,12 +39,13 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent: reaps what a previous agent left, picks the
     /// accelerator (probing KVM in `auto` mode) and opens the image store.
-    pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-        let guest = GuestArtifacts::in_dir(&config.guest_dir).map_err(AgentError::Config)?;
+    pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         std::fs::create_dir_all(&config.data_dir).map_err(AgentError::io(format!(
             "create data directory {}",
             config.data_dir.display()
         )))?;
+        config.make_paths_absolute().map_err(AgentError::io("resolve configured paths"))?;
+        let guest = GuestArtifacts::in_dir(&config.guest_dir).map_err(AgentError::Config)?;
 
         let report = recovery::reap_leftovers(&config.vms_dir()).await;
         if report.killed + report.removed > 0 {
@@ -81,7 +84,15 @@ impl Agent {
             cache_dir: config.image_cache_dir(),
         })?;
 
+        let kernel_args = ["console=ttyS0 quiet panic=-1", qemu.guest_kernel_args(), &accel::guest_kernel_args(accel.accelerator)]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+
         Ok(Arc::new(Agent {
+            kernel_args,
             guest,
             vmm: Arc::new(qemu),
             accel,
@@ -132,7 +143,8 @@ impl Agent {
             kernel: self.guest.kernel.clone(),
             initramfs: self.guest.initramfs.clone(),
             cmdline: format!(
-                "console=ttyS0 quiet panic=-1 pci=off somna.id={id} somna.channel={}",
+                "{} somna.id={id} somna.channel={}",
+                self.kernel_args,
                 self.vmm.channel().cmdline_value()
             ),
             disks: vec![

@@ -111,6 +111,17 @@ impl AgentConfig {
         }
     }
 
+    /// Makes every configured path absolute: VMM command lines name them,
+    /// and crash recovery recognises a VMM by its run directory's path.
+    pub fn make_paths_absolute(&mut self) -> std::io::Result<()> {
+        self.data_dir = std::fs::canonicalize(&self.data_dir)?;
+        self.guest_dir = std::path::absolute(&self.guest_dir)?;
+        for d in &mut self.image_dirs {
+            *d = std::path::absolute(&*d)?;
+        }
+        Ok(())
+    }
+
     pub fn vms_dir(&self) -> PathBuf {
         self.data_dir.join("vms")
     }

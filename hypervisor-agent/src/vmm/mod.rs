@@ -139,6 +139,9 @@ pub trait Vmm: Send + Sync + 'static {
     /// The agent channel this driver gives guests on this host.
     fn channel(&self) -> ChannelKind;
 
+    /// Kernel parameters the guest needs on this driver's machine model.
+    fn guest_kernel_args(&self) -> &'static str;
+
     /// Start a VM for `spec`, with its sockets, logs and pid file in `dir`.
     /// Returns once the VMM process runs; the guest may still be booting.
     async fn launch(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn Vm>, VmmError>;

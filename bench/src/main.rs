@@ -58,9 +58,15 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
-fn summary(name: &str, accelerator: &str, mut samples: Vec<Duration>, extra: serde_json::Value) -> serde_json::Value {
+fn summary(
+    name: &str,
+    accelerator: &str,
+    mut samples: Vec<Duration>,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     samples.sort();
-    let mean = samples.iter().map(Duration::as_secs_f64).sum::<f64>() / samples.len().max(1) as f64 * 1000.0;
+    let mean = samples.iter().map(Duration::as_secs_f64).sum::<f64>() / samples.len().max(1) as f64
+        * 1000.0;
     let mut v = json!({
         "bench": name,
         "accelerator": accelerator,
@@ -93,7 +99,11 @@ async fn main() -> anyhow::Result<()> {
             Some(Platform::start(opts))
         }
     };
-    let addr = cli.addr.clone().or_else(|| platform.as_ref().map(|p| p.addr.clone())).context("no address")?;
+    let addr = cli
+        .addr
+        .clone()
+        .or_else(|| platform.as_ref().map(|p| p.addr.clone()))
+        .context("no address")?;
     let client = Client::connect(&addr).await?;
     let result = match cli.bench {
         Bench::ColdBoot { runs } => cold_boot(&client, &cli.image, runs).await?,
@@ -145,12 +155,26 @@ async fn exec_rtt(client: &Client, image: &str, runs: usize) -> anyhow::Result<s
     }
     let accelerator = sb.info().accelerator.clone();
     sb.destroy().await?;
-    Ok(summary("exec_rtt", &accelerator, samples, json!({ "image": image, "what": "exec `true` round trip" })))
+    Ok(summary(
+        "exec_rtt",
+        &accelerator,
+        samples,
+        json!({ "image": image, "what": "exec `true` round trip" }),
+    ))
 }
 
-async fn files(client: &Client, image: &str, size_mib: usize, runs: usize) -> anyhow::Result<serde_json::Value> {
-    let sb = client.create_sandbox(CreateOptions::new(image).disk_mib((size_mib as u32) * 3 + 256)).await?;
-    let data: Vec<u8> = (0..size_mib * 1024 * 1024).map(|i| (i as u32).wrapping_mul(2654435761) as u8).collect();
+async fn files(
+    client: &Client,
+    image: &str,
+    size_mib: usize,
+    runs: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let sb = client
+        .create_sandbox(CreateOptions::new(image).disk_mib((size_mib as u32) * 3 + 256))
+        .await?;
+    let data: Vec<u8> = (0..size_mib * 1024 * 1024)
+        .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
+        .collect();
     let (mut writes, mut reads) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let start = Instant::now();
@@ -159,12 +183,20 @@ async fn files(client: &Client, image: &str, size_mib: usize, runs: usize) -> an
         let start = Instant::now();
         let back = sb.read_file("/tmp/bench.bin").await?;
         reads.push(start.elapsed());
-        anyhow::ensure!(back.len() == data.len(), "read back {} bytes, wrote {}", back.len(), data.len());
+        anyhow::ensure!(
+            back.len() == data.len(),
+            "read back {} bytes, wrote {}",
+            back.len(),
+            data.len()
+        );
     }
     let accelerator = sb.info().accelerator.clone();
     sb.destroy().await?;
     let mibps = |d: &[Duration]| {
-        let mut v: Vec<f64> = d.iter().map(|t| size_mib as f64 / t.as_secs_f64()).collect();
+        let mut v: Vec<f64> = d
+            .iter()
+            .map(|t| size_mib as f64 / t.as_secs_f64())
+            .collect();
         v.sort_by(f64::total_cmp);
         round(v[v.len() / 2])
     };

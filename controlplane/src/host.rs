@@ -8,9 +8,10 @@
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use somna_proto::v1::{
-    CreateSandboxRequest, ExecRequest, ExecResponse, ExecStart, FileChunk, FileInfo, ListFilesRequest,
-    ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest, RenameFileRequest, Sandbox,
-    StatFileRequest, WriteFileRequest, WriteFileResponse, WriteFileStart,
+    CreateSandboxRequest, ExecRequest, ExecResponse, ExecStart, FileChunk, FileInfo,
+    ListFilesRequest, ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest,
+    RenameFileRequest, Sandbox, StatFileRequest, WriteFileRequest, WriteFileResponse,
+    WriteFileStart,
 };
 use tonic::Status;
 

@@ -31,7 +31,10 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .tcp_nodelay(true)
         .add_service(control_plane.service())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
 }
 

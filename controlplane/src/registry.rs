@@ -42,7 +42,13 @@ impl Registry {
         self.hosts.first().cloned()
     }
 
-    pub fn insert(&self, id: String, host: Arc<dyn Host>, expires_at: Option<SystemTime>, timer: Option<AbortHandle>) {
+    pub fn insert(
+        &self,
+        id: String,
+        host: Arc<dyn Host>,
+        expires_at: Option<SystemTime>,
+        timer: Option<AbortHandle>,
+    ) {
         self.map().insert(
             id,
             Placement {

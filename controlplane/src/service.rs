@@ -7,11 +7,11 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use somna_proto::v1::sandboxes_server::Sandboxes;
 use somna_proto::v1::{
-    exec_request, write_file_request, CreateSandboxRequest, DestroySandboxRequest, DestroySandboxResponse,
-    ExecRequest, ExecResponse, FileChunk, FileInfo, GetSandboxRequest, ListFilesRequest, ListFilesResponse,
-    ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest,
-    RemoveFileResponse, RenameFileRequest, RenameFileResponse, Sandbox, StatFileRequest, WriteFileRequest,
-    WriteFileResponse,
+    CreateSandboxRequest, DestroySandboxRequest, DestroySandboxResponse, ExecRequest, ExecResponse,
+    FileChunk, FileInfo, GetSandboxRequest, ListFilesRequest, ListFilesResponse,
+    ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest, ReadFileRequest,
+    RemoveFileRequest, RemoveFileResponse, RenameFileRequest, RenameFileResponse, Sandbox,
+    StatFileRequest, WriteFileRequest, WriteFileResponse, exec_request, write_file_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -49,7 +49,10 @@ impl ControlPlane {
     }
 
     fn with_expiry(&self, mut sandbox: Sandbox) -> Sandbox {
-        sandbox.expires_at = self.registry.expires_at(&sandbox.id).map(prost_types::Timestamp::from);
+        sandbox.expires_at = self
+            .registry
+            .expires_at(&sandbox.id)
+            .map(prost_types::Timestamp::from);
         sandbox
     }
 
@@ -68,7 +71,9 @@ impl ControlPlane {
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             match cp.destroy(&id, true).await {
-                Ok(()) => info!(%id, timeout_s = timeout.as_secs(), "sandbox timed out and was destroyed"),
+                Ok(()) => {
+                    info!(%id, timeout_s = timeout.as_secs(), "sandbox timed out and was destroyed")
+                }
                 Err(e) if e.code() == tonic::Code::NotFound => {}
                 Err(e) => warn!(%id, error = %e.message(), "destroying a timed-out sandbox failed"),
             }
@@ -79,7 +84,9 @@ impl ControlPlane {
     /// Destroys every sandbox on every host (shutdown of `somna up`).
     pub async fn destroy_all(&self) {
         for host in self.registry.hosts() {
-            let Ok(list) = host.list_sandboxes().await else { continue };
+            let Ok(list) = host.list_sandboxes().await else {
+                continue;
+            };
             for sb in list {
                 if let Err(e) = self.destroy(&sb.id, false).await {
                     warn!(id = %sb.id, error = %e.message(), "destroy at shutdown failed");
@@ -96,11 +103,14 @@ async fn split_first<M: Send + 'static, F: Send + 'static>(
     what: &str,
     pick: impl FnOnce(M) -> Option<F>,
 ) -> Result<(F, BoxStream<'static, M>), Status> {
-    let first = stream
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument(format!("{what} stream is empty; send the start message first")))?;
-    let start = pick(first).ok_or_else(|| Status::invalid_argument(format!("the first {what} message must be start")))?;
+    let first = stream.message().await?.ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "{what} stream is empty; send the start message first"
+        ))
+    })?;
+    let start = pick(first).ok_or_else(|| {
+        Status::invalid_argument(format!("the first {what} message must be start"))
+    })?;
     let rest = stream
         .take_while(|r| futures::future::ready(r.is_ok()))
         .filter_map(|r| futures::future::ready(r.ok()))
@@ -110,10 +120,15 @@ async fn split_first<M: Send + 'static, F: Send + 'static>(
 
 #[tonic::async_trait]
 impl Sandboxes for ControlPlane {
-    async fn create_sandbox(&self, request: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let req = request.into_inner();
         if req.image.trim().is_empty() {
-            return Err(Status::invalid_argument("image is required (e.g. \"busybox\")"));
+            return Err(Status::invalid_argument(
+                "image is required (e.g. \"busybox\")",
+            ));
         }
         let timeout = Duration::from_secs(req.timeout_seconds);
         if timeout > MAX_TIMEOUT {
@@ -131,16 +146,25 @@ impl Sandboxes for ControlPlane {
         let (expires_at, timer) = if timeout.is_zero() {
             (None, None)
         } else {
-            (Some(SystemTime::now() + timeout), Some(self.arm_timeout(&sandbox.id, timeout)))
+            (
+                Some(SystemTime::now() + timeout),
+                Some(self.arm_timeout(&sandbox.id, timeout)),
+            )
         };
-        self.registry.insert(sandbox.id.clone(), host, expires_at, timer);
+        self.registry
+            .insert(sandbox.id.clone(), host, expires_at, timer);
         Ok(Response::new(self.with_expiry(sandbox)))
     }
 
-    async fn get_sandbox(&self, request: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn get_sandbox(
+        &self,
+        request: Request<GetSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let id = request.into_inner().id;
         let host = self.host_of(&id)?;
-        Ok(Response::new(self.with_expiry(host.get_sandbox(&id).await?)))
+        Ok(Response::new(
+            self.with_expiry(host.get_sandbox(&id).await?),
+        ))
     }
 
     async fn list_sandboxes(
@@ -149,7 +173,12 @@ impl Sandboxes for ControlPlane {
     ) -> Result<Response<ListSandboxesResponse>, Status> {
         let mut sandboxes = Vec::new();
         for host in self.registry.hosts() {
-            sandboxes.extend(host.list_sandboxes().await?.into_iter().map(|s| self.with_expiry(s)));
+            sandboxes.extend(
+                host.list_sandboxes()
+                    .await?
+                    .into_iter()
+                    .map(|s| self.with_expiry(s)),
+            );
         }
         Ok(Response::new(ListSandboxesResponse { sandboxes }))
     }
@@ -164,19 +193,26 @@ impl Sandboxes for ControlPlane {
 
     type ExecStream = StatusStream<ExecResponse>;
 
-    async fn exec(&self, request: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
-        let (start, rest) = split_first(request.into_inner(), "exec", |m: ExecRequest| match m.msg {
-            Some(exec_request::Msg::Start(s)) => Some(s),
-            _ => None,
-        })
-        .await?;
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let (start, rest) =
+            split_first(request.into_inner(), "exec", |m: ExecRequest| match m.msg {
+                Some(exec_request::Msg::Start(s)) => Some(s),
+                _ => None,
+            })
+            .await?;
         let host = self.host_of(&start.sandbox_id)?;
         Ok(Response::new(host.exec(start, rest).await?))
     }
 
     type ReadFileStream = StatusStream<FileChunk>;
 
-    async fn read_file(&self, request: Request<ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+    async fn read_file(
+        &self,
+        request: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
         let req = request.into_inner();
         let host = self.host_of(&req.sandbox_id)?;
         Ok(Response::new(host.read_file(req).await?))
@@ -186,37 +222,62 @@ impl Sandboxes for ControlPlane {
         &self,
         request: Request<Streaming<WriteFileRequest>>,
     ) -> Result<Response<WriteFileResponse>, Status> {
-        let (start, rest) = split_first(request.into_inner(), "write_file", |m: WriteFileRequest| match m.msg {
-            Some(write_file_request::Msg::Start(s)) => Some(s),
-            _ => None,
-        })
+        let (start, rest) = split_first(
+            request.into_inner(),
+            "write_file",
+            |m: WriteFileRequest| match m.msg {
+                Some(write_file_request::Msg::Start(s)) => Some(s),
+                _ => None,
+            },
+        )
         .await?;
         let host = self.host_of(&start.sandbox_id)?;
         Ok(Response::new(host.write_file(start, rest).await?))
     }
 
-    async fn stat_file(&self, request: Request<StatFileRequest>) -> Result<Response<FileInfo>, Status> {
+    async fn stat_file(
+        &self,
+        request: Request<StatFileRequest>,
+    ) -> Result<Response<FileInfo>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.host_of(&req.sandbox_id)?.stat_file(req).await?))
+        Ok(Response::new(
+            self.host_of(&req.sandbox_id)?.stat_file(req).await?,
+        ))
     }
 
-    async fn list_files(&self, request: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
+    async fn list_files(
+        &self,
+        request: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.host_of(&req.sandbox_id)?.list_files(req).await?))
+        Ok(Response::new(
+            self.host_of(&req.sandbox_id)?.list_files(req).await?,
+        ))
     }
 
-    async fn make_dir(&self, request: Request<MakeDirRequest>) -> Result<Response<FileInfo>, Status> {
+    async fn make_dir(
+        &self,
+        request: Request<MakeDirRequest>,
+    ) -> Result<Response<FileInfo>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.host_of(&req.sandbox_id)?.make_dir(req).await?))
+        Ok(Response::new(
+            self.host_of(&req.sandbox_id)?.make_dir(req).await?,
+        ))
     }
 
-    async fn remove_file(&self, request: Request<RemoveFileRequest>) -> Result<Response<RemoveFileResponse>, Status> {
+    async fn remove_file(
+        &self,
+        request: Request<RemoveFileRequest>,
+    ) -> Result<Response<RemoveFileResponse>, Status> {
         let req = request.into_inner();
         self.host_of(&req.sandbox_id)?.remove_file(req).await?;
         Ok(Response::new(RemoveFileResponse {}))
     }
 
-    async fn rename_file(&self, request: Request<RenameFileRequest>) -> Result<Response<RenameFileResponse>, Status> {
+    async fn rename_file(
+        &self,
+        request: Request<RenameFileRequest>,
+    ) -> Result<Response<RenameFileResponse>, Status> {
         let req = request.into_inner();
         self.host_of(&req.sandbox_id)?.rename_file(req).await?;
         Ok(Response::new(RenameFileResponse {}))

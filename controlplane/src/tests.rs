@@ -26,7 +26,13 @@ impl FakeHost {
     }
     fn live(&self) -> Vec<String> {
         let destroyed = self.destroyed();
-        self.created.lock().unwrap().iter().filter(|id| !destroyed.contains(id)).cloned().collect()
+        self.created
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|id| !destroyed.contains(id))
+            .cloned()
+            .collect()
     }
 }
 
@@ -71,7 +77,9 @@ impl Host for FakeHost {
     ) -> Result<StatusStream<ExecResponse>, Status> {
         // Echo: argv joined, then every stdin chunk, then exit 0.
         let head = ExecResponse {
-            event: Some(exec_response::Event::Stdout(start.argv.join(" ").into_bytes())),
+            event: Some(exec_response::Event::Stdout(
+                start.argv.join(" ").into_bytes(),
+            )),
         };
         let echoed = rest.filter_map(|m| async move {
             match m.msg {
@@ -113,13 +121,19 @@ impl Host for FakeHost {
         })
     }
     async fn stat_file(&self, req: StatFileRequest) -> Result<FileInfo, Status> {
-        Ok(FileInfo { path: req.path, ..Default::default() })
+        Ok(FileInfo {
+            path: req.path,
+            ..Default::default()
+        })
     }
     async fn list_files(&self, _req: ListFilesRequest) -> Result<ListFilesResponse, Status> {
         Ok(ListFilesResponse::default())
     }
     async fn make_dir(&self, req: MakeDirRequest) -> Result<FileInfo, Status> {
-        Ok(FileInfo { path: req.path, ..Default::default() })
+        Ok(FileInfo {
+            path: req.path,
+            ..Default::default()
+        })
     }
     async fn remove_file(&self, _req: RemoveFileRequest) -> Result<(), Status> {
         Ok(())
@@ -135,7 +149,9 @@ async fn start() -> (Arc<FakeHost>, SandboxesClient<tonic::transport::Channel>) 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(crate::serve(cp, listener, std::future::pending()));
-    let client = SandboxesClient::connect(format!("http://{addr}")).await.unwrap();
+    let client = SandboxesClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     (host, client)
 }
 
@@ -154,27 +170,47 @@ async fn create_validates_and_maps_errors() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("image"), "{}", err.message());
 
-    let err = client.create_sandbox(create("busybox", 10 * 365 * 24 * 3600)).await.unwrap_err();
+    let err = client
+        .create_sandbox(create("busybox", 10 * 365 * 24 * 3600))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("timeout_seconds"), "{}", err.message());
+    assert!(
+        err.message().contains("timeout_seconds"),
+        "{}",
+        err.message()
+    );
 
-    let err = client.create_sandbox(create("missing", 0)).await.unwrap_err();
+    let err = client
+        .create_sandbox(create("missing", 0))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
 #[tokio::test]
 async fn unknown_sandbox_is_not_found_and_empty_id_is_invalid() {
     let (_host, mut client) = start().await;
-    let err = client.get_sandbox(GetSandboxRequest { id: "sbx-nope".into() }).await.unwrap_err();
+    let err = client
+        .get_sandbox(GetSandboxRequest {
+            id: "sbx-nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("sbx-nope"));
     let err = client
-        .stat_file(StatFileRequest { sandbox_id: String::new(), path: "/".into() })
+        .stat_file(StatFileRequest {
+            sandbox_id: String::new(),
+            path: "/".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = client
-        .destroy_sandbox(DestroySandboxRequest { id: "sbx-nope".into() })
+        .destroy_sandbox(DestroySandboxRequest {
+            id: "sbx-nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -183,9 +219,17 @@ async fn unknown_sandbox_is_not_found_and_empty_id_is_invalid() {
 #[tokio::test]
 async fn timeout_destroys_the_sandbox() {
     let (host, mut client) = start().await;
-    let sb = client.create_sandbox(create("busybox", 1)).await.unwrap().into_inner();
+    let sb = client
+        .create_sandbox(create("busybox", 1))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(sb.expires_at.is_some());
-    let kept = client.create_sandbox(create("busybox", 0)).await.unwrap().into_inner();
+    let kept = client
+        .create_sandbox(create("busybox", 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(kept.expires_at.is_none());
 
     // Wait for the destroy notification (bounded), not a fixed sleep.
@@ -200,17 +244,37 @@ async fn timeout_destroys_the_sandbox() {
     })
     .await
     .expect("the sandbox was not destroyed after its timeout");
-    let err = client.get_sandbox(GetSandboxRequest { id: sb.id.clone() }).await.unwrap_err();
+    let err = client
+        .get_sandbox(GetSandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let list = client.list_sandboxes(ListSandboxesRequest {}).await.unwrap().into_inner();
-    assert_eq!(list.sandboxes.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), vec![kept.id]);
+    let list = client
+        .list_sandboxes(ListSandboxesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.sandboxes
+            .iter()
+            .map(|s| s.id.clone())
+            .collect::<Vec<_>>(),
+        vec![kept.id]
+    );
 }
 
 #[tokio::test]
 async fn destroy_cancels_the_timeout() {
     let (host, mut client) = start().await;
-    let sb = client.create_sandbox(create("busybox", 1)).await.unwrap().into_inner();
-    client.destroy_sandbox(DestroySandboxRequest { id: sb.id.clone() }).await.unwrap();
+    let sb = client
+        .create_sandbox(create("busybox", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .destroy_sandbox(DestroySandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap();
     // Give the (cancelled) timer more than its time; it must not destroy again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(host.destroyed(), vec![sb.id]);
@@ -219,7 +283,11 @@ async fn destroy_cancels_the_timeout() {
 #[tokio::test]
 async fn exec_relays_the_stream_and_checks_the_first_message() {
     let (_host, mut client) = start().await;
-    let sb = client.create_sandbox(create("busybox", 0)).await.unwrap().into_inner();
+    let sb = client
+        .create_sandbox(create("busybox", 0))
+        .await
+        .unwrap()
+        .into_inner();
     let msgs = vec![
         ExecRequest {
             msg: Some(exec_request::Msg::Start(ExecStart {
@@ -229,9 +297,15 @@ async fn exec_relays_the_stream_and_checks_the_first_message() {
                 ..Default::default()
             })),
         },
-        ExecRequest { msg: Some(exec_request::Msg::Stdin(b"abc".to_vec())) },
+        ExecRequest {
+            msg: Some(exec_request::Msg::Stdin(b"abc".to_vec())),
+        },
     ];
-    let mut out = client.exec(futures::stream::iter(msgs)).await.unwrap().into_inner();
+    let mut out = client
+        .exec(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
     let mut stdout = Vec::new();
     let mut exited = false;
     while let Some(msg) = out.message().await.unwrap() {
@@ -245,18 +319,27 @@ async fn exec_relays_the_stream_and_checks_the_first_message() {
     assert!(exited);
 
     // A stream that does not start with `start` is rejected.
-    let bad = vec![ExecRequest { msg: Some(exec_request::Msg::Stdin(b"x".to_vec())) }];
+    let bad = vec![ExecRequest {
+        msg: Some(exec_request::Msg::Stdin(b"x".to_vec())),
+    }];
     let err = client.exec(futures::stream::iter(bad)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // An empty stream too.
-    let err = client.exec(futures::stream::iter(Vec::<ExecRequest>::new())).await.unwrap_err();
+    let err = client
+        .exec(futures::stream::iter(Vec::<ExecRequest>::new()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test]
 async fn write_file_relays_chunks() {
     let (_host, mut client) = start().await;
-    let sb = client.create_sandbox(create("busybox", 0)).await.unwrap().into_inner();
+    let sb = client
+        .create_sandbox(create("busybox", 0))
+        .await
+        .unwrap()
+        .into_inner();
     let mut msgs = vec![WriteFileRequest {
         msg: Some(write_file_request::Msg::Start(WriteFileStart {
             sandbox_id: sb.id.clone(),
@@ -265,8 +348,14 @@ async fn write_file_relays_chunks() {
         })),
     }];
     for _ in 0..4 {
-        msgs.push(WriteFileRequest { msg: Some(write_file_request::Msg::Data(vec![7u8; 1000])) });
+        msgs.push(WriteFileRequest {
+            msg: Some(write_file_request::Msg::Data(vec![7u8; 1000])),
+        });
     }
-    let info = client.write_file(futures::stream::iter(msgs)).await.unwrap().into_inner();
+    let info = client
+        .write_file(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.file.unwrap().size, 4000);
 }

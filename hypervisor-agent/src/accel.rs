@@ -34,7 +34,9 @@ impl FromStr for AccelMode {
             "auto" => Ok(AccelMode::Auto),
             "kvm" => Ok(AccelMode::Kvm),
             "tcg" => Ok(AccelMode::Tcg),
-            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: use auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -90,7 +92,10 @@ pub async fn select(
             let choice = match probe_kvm(qemu, guest, timeout).await {
                 Ok(()) => AccelChoice {
                     accelerator: Accelerator::Kvm,
-                    reason: format!("probe guest booted under KVM in {} ms", started.elapsed().as_millis()),
+                    reason: format!(
+                        "probe guest booted under KVM in {} ms",
+                        started.elapsed().as_millis()
+                    ),
                 },
                 Err(why) => AccelChoice {
                     accelerator: Accelerator::Tcg,
@@ -122,7 +127,11 @@ pub fn guest_kernel_args(accelerator: Accelerator) -> String {
 #[cfg(target_arch = "x86_64")]
 pub fn host_tsc_khz() -> Option<u64> {
     use nix::time::{ClockId, clock_gettime};
-    let now = || clock_gettime(ClockId::CLOCK_MONOTONIC_RAW).ok().map(Duration::from);
+    let now = || {
+        clock_gettime(ClockId::CLOCK_MONOTONIC_RAW)
+            .ok()
+            .map(Duration::from)
+    };
     let t0 = now()?;
     // SAFETY: rdtsc has no preconditions on x86_64.
     let c0 = unsafe { std::arch::x86_64::_rdtsc() };
@@ -155,13 +164,26 @@ fn kvm_device_usable() -> Result<(), String> {
 /// the marker on the serial console.
 async fn probe_kvm(qemu: &Path, guest: &GuestArtifacts, timeout: Duration) -> Result<(), String> {
     let mut child = tokio::process::Command::new(qemu)
-        .args(["-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-serial", "stdio"])
+        .args([
+            "-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(&guest.kernel)
         .arg("-initrd")
         .arg(&guest.initramfs)
-        .args(["-append", "console=ttyS0 quiet panic=-1 pci=off somna.probe=1"])
+        .args([
+            "-append",
+            "console=ttyS0 quiet panic=-1 pci=off somna.probe=1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -184,7 +206,11 @@ async fn probe_kvm(qemu: &Path, guest: &GuestArtifacts, timeout: Duration) -> Re
         while let Ok(Some(l)) = errs.next_line().await {
             err = l;
         }
-        Err(if err.is_empty() { "QEMU exited before the guest reported in".to_string() } else { err })
+        Err(if err.is_empty() {
+            "QEMU exited before the guest reported in".to_string()
+        } else {
+            err
+        })
     })
     .await
     .unwrap_or_else(|_| Err(format!("guest did not report in within {timeout:?}")));
@@ -207,7 +233,13 @@ async fn fingerprint(qemu: &Path, guest: &GuestArtifacts) -> String {
         .arg("--version")
         .output()
         .await
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     let file_id = |p: &PathBuf| {
         std::fs::metadata(p)
@@ -236,7 +268,10 @@ fn write_cache(path: &Path, fingerprint: &str, choice: &AccelChoice) {
     };
     if let Ok(bytes) = serde_json::to_vec_pretty(&entry) {
         let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+        if std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .is_err()
+        {
             tracing::warn!(path = %path.display(), "cannot cache the accelerator probe result");
         }
     }
@@ -251,7 +286,10 @@ mod tests {
         let khz = host_tsc_khz().expect("x86_64 hosts have a TSC");
         assert!((100_000..20_000_000).contains(&khz), "{khz} kHz");
         let args = guest_kernel_args(Accelerator::Tcg);
-        assert!(args.starts_with("tsc_early_khz=") && args.ends_with("tsc=reliable"), "{args}");
+        assert!(
+            args.starts_with("tsc_early_khz=") && args.ends_with("tsc=reliable"),
+            "{args}"
+        );
         assert_eq!(guest_kernel_args(Accelerator::Kvm), "");
     }
 
@@ -261,7 +299,10 @@ mod tests {
         assert_eq!("kvm".parse::<AccelMode>().unwrap(), AccelMode::Kvm);
         assert_eq!("tcg".parse::<AccelMode>().unwrap(), AccelMode::Tcg);
         let err = "xen".parse::<AccelMode>().unwrap_err();
-        assert!(err.contains("xen") && err.contains("auto, kvm or tcg"), "{err}");
+        assert!(
+            err.contains("xen") && err.contains("auto, kvm or tcg"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -44,12 +44,18 @@ impl Agent {
             "create data directory {}",
             config.data_dir.display()
         )))?;
-        config.make_paths_absolute().map_err(AgentError::io("resolve configured paths"))?;
+        config
+            .make_paths_absolute()
+            .map_err(AgentError::io("resolve configured paths"))?;
         let guest = GuestArtifacts::in_dir(&config.guest_dir).map_err(AgentError::Config)?;
 
         let report = recovery::reap_leftovers(&config.vms_dir()).await;
         if report.killed + report.removed > 0 {
-            info!(killed = report.killed, removed = report.removed, "reaped VMs left by a previous agent");
+            info!(
+                killed = report.killed,
+                removed = report.removed,
+                "reaped VMs left by a previous agent"
+            );
         }
 
         let channel = match config.channel {
@@ -57,7 +63,10 @@ impl Agent {
             ChannelMode::Fixed(kind) => kind,
         };
         let qemu = QemuVmm::new(config.qemu_binary.clone(), channel);
-        let version = qemu.version().await.map_err(|e| AgentError::Config(e.to_string()))?;
+        let version = qemu
+            .version()
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))?;
 
         let span = info_span!("accelerator_probe", mode = ?config.accel);
         let started = Instant::now();
@@ -84,12 +93,16 @@ impl Agent {
             cache_dir: config.image_cache_dir(),
         })?;
 
-        let kernel_args = ["console=ttyS0 quiet panic=-1", qemu.guest_kernel_args(), &accel::guest_kernel_args(accel.accelerator)]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ");
+        let kernel_args = [
+            "console=ttyS0 quiet panic=-1",
+            qemu.guest_kernel_args(),
+            &accel::guest_kernel_args(accel.accelerator),
+        ]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
 
         Ok(Arc::new(Agent {
             kernel_args,
@@ -116,13 +129,20 @@ impl Agent {
     }
 
     /// Creates a sandbox and returns once its guest agent answers.
-    pub async fn create_sandbox(self: &Arc<Self>, req: SandboxRequest) -> Result<SandboxInfo, AgentError> {
+    pub async fn create_sandbox(
+        self: &Arc<Self>,
+        req: SandboxRequest,
+    ) -> Result<SandboxInfo, AgentError> {
         let id = new_sandbox_id();
         let span = info_span!("create_sandbox", %id, image = %req.image);
         self.create_inner(id, req).instrument(span).await
     }
 
-    async fn create_inner(self: &Arc<Self>, id: String, req: SandboxRequest) -> Result<SandboxInfo, AgentError> {
+    async fn create_inner(
+        self: &Arc<Self>,
+        id: String,
+        req: SandboxRequest,
+    ) -> Result<SandboxInfo, AgentError> {
         let started = Instant::now();
         let (cpus, memory_mib, disk_mib) = self.validate(&req)?;
         let image = self.images.resolve(&req.image).await?;
@@ -148,8 +168,16 @@ impl Agent {
                 self.vmm.channel().cmdline_value()
             ),
             disks: vec![
-                DiskSpec { path: root.path.clone(), read_only: true, serial: "somna-root".into() },
-                DiskSpec { path: dir.rw_disk(), read_only: false, serial: "somna-rw".into() },
+                DiskSpec {
+                    path: root.path.clone(),
+                    read_only: true,
+                    serial: "somna-root".into(),
+                },
+                DiskSpec {
+                    path: dir.rw_disk(),
+                    read_only: false,
+                    serial: "somna-rw".into(),
+                },
             ],
             channel: self.vmm.channel(),
             accelerator: self.accel.accelerator,
@@ -193,7 +221,10 @@ impl Agent {
         let health = match ready {
             Ok(h) if h.sandbox_id == id => h,
             Ok(h) => {
-                let reason = format!("the guest reports sandbox id {:?}, expected {id}", h.sandbox_id);
+                let reason = format!(
+                    "the guest reports sandbox id {:?}, expected {id}",
+                    h.sandbox_id
+                );
                 return self.fail_boot(&sandbox, reason);
             }
             Err(reason) => return self.fail_boot(&sandbox, reason),
@@ -222,9 +253,17 @@ impl Agent {
                 warn!(error = %e, dir = %sandbox.dir.path().display(), "cannot remove run directory");
             }
         });
-        let reason = if vmm_log.trim().is_empty() { reason } else { format!("{reason}; VMM said: {}", vmm_log.trim()) };
+        let reason = if vmm_log.trim().is_empty() {
+            reason
+        } else {
+            format!("{reason}; VMM said: {}", vmm_log.trim())
+        };
         warn!(%id, %reason, "sandbox failed to boot");
-        Err(AgentError::BootFailed { id, reason, console })
+        Err(AgentError::BootFailed {
+            id,
+            reason,
+            console,
+        })
     }
 
     fn validate(&self, req: &SandboxRequest) -> Result<(u32, u32, u32), AgentError> {
@@ -256,7 +295,9 @@ impl Agent {
         }
         for key in req.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(AgentError::InvalidArgument(format!("env name {key:?} is not valid")));
+                return Err(AgentError::InvalidArgument(format!(
+                    "env name {key:?} is not valid"
+                )));
             }
         }
         Ok((cpus, memory, disk))
@@ -279,10 +320,10 @@ impl Agent {
         sandbox.update(|i| i.state = SandboxState::Destroying);
         let started = Instant::now();
         let exit = sandbox.vm.kill().await;
-        sandbox
-            .dir
-            .remove()
-            .map_err(AgentError::io(format!("remove run directory {}", sandbox.dir.path().display())))?;
+        sandbox.dir.remove().map_err(AgentError::io(format!(
+            "remove run directory {}",
+            sandbox.dir.path().display()
+        )))?;
         self.write_map().remove(id);
         info!(%id, vmm = %exit, elapsed_ms = started.elapsed().as_millis() as u64, "sandbox destroyed");
         Ok(())
@@ -306,9 +347,14 @@ impl Agent {
 
     /// Checks that the sandbox runs, fills the exec request's defaults from
     /// the image and sandbox, and returns the client to run it with.
-    pub fn prepare_exec(&self, start: &mut ExecStart) -> Result<GuestAgentClient<Channel>, AgentError> {
+    pub fn prepare_exec(
+        &self,
+        start: &mut ExecStart,
+    ) -> Result<GuestAgentClient<Channel>, AgentError> {
         if start.argv.is_empty() || start.argv[0].is_empty() {
-            return Err(AgentError::InvalidArgument("exec needs a command (argv is empty)".into()));
+            return Err(AgentError::InvalidArgument(
+                "exec needs a command (argv is empty)".into(),
+            ));
         }
         let sandbox = self.running(&start.sandbox_id)?;
         sandbox.apply_exec_defaults(start);
@@ -352,7 +398,8 @@ async fn watch_vmm(sandbox: Arc<Sandbox>) {
         return;
     }
     let console = sandbox.dir.console_tail(CONSOLE_TAIL_LINES);
-    let failure = format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}");
+    let failure =
+        format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}");
     sandbox.update(|i| {
         if i.state == SandboxState::Running {
             i.state = SandboxState::Failed;
@@ -387,6 +434,10 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 16);
         assert!(a.starts_with("sbx-"));
-        assert!(a[4..].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            a[4..]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
     }
 }

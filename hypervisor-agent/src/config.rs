@@ -48,7 +48,9 @@ pub struct SandboxLimits {
 
 impl Default for SandboxLimits {
     fn default() -> Self {
-        let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let host_cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         SandboxLimits {
             default_cpus: 1,
             default_memory_mib: 512,

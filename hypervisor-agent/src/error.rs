@@ -19,7 +19,9 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Image(#[from] somna_images::ImageError),
-    #[error("sandbox {id} did not boot: {reason}\n--- last lines of the guest console ---\n{console}")]
+    #[error(
+        "sandbox {id} did not boot: {reason}\n--- last lines of the guest console ---\n{console}"
+    )]
     BootFailed {
         id: String,
         reason: String,
@@ -55,7 +57,9 @@ impl AgentError {
             AgentError::NotRunning { .. } => Code::FailedPrecondition,
             AgentError::Image(e) => image_code(e),
             AgentError::BootFailed { .. } => Code::Internal,
-            AgentError::Vmm { .. } | AgentError::Io { .. } | AgentError::Config(_) => Code::Internal,
+            AgentError::Vmm { .. } | AgentError::Io { .. } | AgentError::Config(_) => {
+                Code::Internal
+            }
             AgentError::Accel(_) => Code::FailedPrecondition,
             AgentError::Guest(s) => return s.clone(),
         };

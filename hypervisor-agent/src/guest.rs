@@ -80,7 +80,9 @@ pub enum GuestStream {
 
 async fn connect(endpoint: &AgentEndpoint) -> std::io::Result<GuestStream> {
     match endpoint {
-        AgentEndpoint::SerialSocket(path) => Ok(GuestStream::Unix(tokio::net::UnixStream::connect(path).await?)),
+        AgentEndpoint::SerialSocket(path) => Ok(GuestStream::Unix(
+            tokio::net::UnixStream::connect(path).await?,
+        )),
         AgentEndpoint::Vsock { cid, port } => Ok(GuestStream::Vsock(
             tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?,
         )),

@@ -75,7 +75,10 @@ pub(crate) mod tests {
     pub(crate) fn wait_for_exec(pid: u32) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while cmdline(pid).is_some_and(|a| a.is_empty()) {
-            assert!(std::time::Instant::now() < deadline, "process {pid} never finished exec");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid} never finished exec"
+            );
             std::thread::yield_now();
         }
     }
@@ -85,7 +88,11 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("marker");
         std::fs::write(&marker, b"").unwrap();
-        let mut child = std::process::Command::new("tail").arg("-f").arg(&marker).spawn().unwrap();
+        let mut child = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(&marker)
+            .spawn()
+            .unwrap();
         let pid = child.id();
         wait_for_exec(pid);
         assert!(is_vmm_of(pid, dir.path()));

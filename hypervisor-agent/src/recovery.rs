@@ -29,24 +29,26 @@ pub async fn reap_leftovers(vms_dir: &Path) -> RecoveryReport {
         }
     };
     for dir in dirs {
-        if let Some(pid) = dir.read_pid() {
-            if process::is_vmm_of(pid, dir.path()) {
-                match process::kill_and_wait(pid, Duration::from_secs(10)).await {
-                    Ok(()) => {
-                        info!(id = %dir.id(), pid, "killed orphaned VMM");
-                        report.killed += 1;
-                    }
-                    Err(e) => {
-                        // Keep the directory: its files are still in use.
-                        warn!(id = %dir.id(), pid, error = %e, "cannot kill orphaned VMM");
-                        continue;
-                    }
+        if let Some(pid) = dir.read_pid()
+            && process::is_vmm_of(pid, dir.path())
+        {
+            match process::kill_and_wait(pid, Duration::from_secs(10)).await {
+                Ok(()) => {
+                    info!(id = %dir.id(), pid, "killed orphaned VMM");
+                    report.killed += 1;
+                }
+                Err(e) => {
+                    // Keep the directory: its files are still in use.
+                    warn!(id = %dir.id(), pid, error = %e, "cannot kill orphaned VMM");
+                    continue;
                 }
             }
         }
         match dir.remove() {
             Ok(()) => report.removed += 1,
-            Err(e) => warn!(dir = %dir.path().display(), error = %e, "cannot remove leftover run directory"),
+            Err(e) => {
+                warn!(dir = %dir.path().display(), error = %e, "cannot remove leftover run directory")
+            }
         }
     }
     report
@@ -66,14 +68,24 @@ mod tests {
         // every real VMM's does.
         let log = live.path().join("vmm.log");
         std::fs::write(&log, b"").unwrap();
-        let mut child = std::process::Command::new("tail").arg("-f").arg(&log).spawn().unwrap();
+        let mut child = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(&log)
+            .spawn()
+            .unwrap();
         live.write_pid(child.id()).unwrap();
         // A pid file naming a process that is not ours must not be killed.
         stale.write_pid(std::process::id()).unwrap();
 
         crate::process::tests::wait_for_exec(child.id());
         let report = reap_leftovers(root.path()).await;
-        assert_eq!(report, RecoveryReport { killed: 1, removed: 2 });
+        assert_eq!(
+            report,
+            RecoveryReport {
+                killed: 1,
+                removed: 2
+            }
+        );
         assert!(child.wait().is_ok());
         assert!(rundir::list(root.path()).unwrap().is_empty());
     }

@@ -98,7 +98,12 @@ impl Sandbox {
         env.extend(std::mem::take(&mut start.env));
         start.env = env.into_iter().collect();
         if start.cwd.is_empty() {
-            start.cwd = self.image_config.working_dir.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into());
+            start.cwd = self
+                .image_config
+                .working_dir
+                .clone()
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| "/".into());
         }
         if start.user.is_empty() {
             start.user = self.image_config.user.clone().unwrap_or_default();

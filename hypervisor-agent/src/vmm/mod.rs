@@ -114,7 +114,9 @@ impl fmt::Display for VmExit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("cannot start {binary}: {source}; install it (apt-get install qemu-system-x86) or set the VMM path")]
+    #[error(
+        "cannot start {binary}: {source}; install it (apt-get install qemu-system-x86) or set the VMM path"
+    )]
     Spawn {
         binary: String,
         source: std::io::Error,

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{AgentEndpoint, Accelerator, ChannelKind, Vm, VmExit, VmSpec, Vmm, VmmError};
+use super::{Accelerator, AgentEndpoint, ChannelKind, Vm, VmExit, VmSpec, Vmm, VmmError};
 use crate::rundir::VmDir;
 
 /// Drives `qemu-system-x86_64`.
@@ -71,40 +71,36 @@ impl QemuVmm {
 
     /// The complete QEMU command line for `spec` (without the binary).
     pub fn args(&self, spec: &VmSpec, dir: &VmDir) -> Vec<OsString> {
-        let mut a: Vec<OsString> = Vec::new();
-        let mut push = |s: &str| a.push(OsString::from(s));
-        push("-name");
-        push(&format!("somna-{}", spec.id));
-        push("-machine");
-        push("microvm");
-        match spec.accelerator {
-            Accelerator::Kvm => {
-                push("-accel");
-                push("kvm");
-                push("-cpu");
-                push("host");
-            }
-            Accelerator::Tcg => {
-                push("-accel");
-                push("tcg,thread=multi");
-                push("-cpu");
-                push("max");
-            }
-        }
-        push("-smp");
-        push(&spec.cpus.to_string());
-        push("-m");
-        push(&format!("{}M", spec.memory_mib));
-        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
-            push(flag);
-        }
-        push("-display");
-        push("none");
-        // Seccomp: QEMU may not spawn processes, raise privileges or change
-        // scheduling/resource limits.
-        push("-sandbox");
-        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
-        let mut a = a;
+        let (accel, cpu) = match spec.accelerator {
+            Accelerator::Kvm => ("kvm", "host"),
+            Accelerator::Tcg => ("tcg,thread=multi", "max"),
+        };
+        let mut a: Vec<OsString> = [
+            "-name",
+            &format!("somna-{}", spec.id),
+            "-machine",
+            "microvm",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-smp",
+            &spec.cpus.to_string(),
+            "-m",
+            &format!("{}M", spec.memory_mib),
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            // Seccomp: QEMU may not spawn processes, raise privileges or
+            // change scheduling/resource limits.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
         let path = |p: &Path| p.display().to_string();
         a.push("-kernel".into());
         a.push(spec.kernel.clone().into_os_string());
@@ -140,17 +136,31 @@ impl QemuVmm {
                     .into(),
                 );
                 a.push("-device".into());
-                a.push(format!("virtserialport,chardev=agent,name={}", somna_proto::GUEST_SERIAL_PORT_NAME).into());
+                a.push(
+                    format!(
+                        "virtserialport,chardev=agent,name={}",
+                        somna_proto::GUEST_SERIAL_PORT_NAME
+                    )
+                    .into(),
+                );
             }
             ChannelKind::Vsock => {
                 a.push("-device".into());
-                a.push(format!("vhost-vsock-device,guest-cid={}", Self::vsock_cid(&spec.id)).into());
+                a.push(
+                    format!("vhost-vsock-device,guest-cid={}", Self::vsock_cid(&spec.id)).into(),
+                );
             }
         }
         a.push("-device".into());
         a.push("virtio-rng-device".into());
         a.push("-qmp".into());
-        a.push(format!("unix:{},server=on,wait=off", escape_opt(&path(&dir.qmp_socket()))).into());
+        a.push(
+            format!(
+                "unix:{},server=on,wait=off",
+                escape_opt(&path(&dir.qmp_socket()))
+            )
+            .into(),
+        );
         a
     }
 }
@@ -223,7 +233,11 @@ impl Vmm for QemuVmm {
             },
         };
         tracing::debug!(id = %spec.id, pid, accel = %spec.accelerator, "qemu started");
-        Ok(Box::new(QemuVm { pid, endpoint, exit: rx }))
+        Ok(Box::new(QemuVm {
+            pid,
+            endpoint,
+            exit: rx,
+        }))
     }
 }
 
@@ -247,9 +261,15 @@ impl Vm for QemuVm {
     async fn wait_exit(&self) -> VmExit {
         let mut rx = self.exit.clone();
         match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().unwrap_or(VmExit { code: None, signal: None }),
+            Ok(v) => v.clone().unwrap_or(VmExit {
+                code: None,
+                signal: None,
+            }),
             // The waiter task is gone only if the runtime is shutting down.
-            Err(_) => VmExit { code: None, signal: None },
+            Err(_) => VmExit {
+                code: None,
+                signal: None,
+            },
         }
     }
 
@@ -284,8 +304,16 @@ mod tests {
             initramfs: "/k/initramfs.img".into(),
             cmdline: "console=ttyS0 somna.id=sbx-test".into(),
             disks: vec![
-                DiskSpec { path: "/c/root,1.ext4".into(), read_only: true, serial: "somna-root".into() },
-                DiskSpec { path: "/r/rw.ext4".into(), read_only: false, serial: "somna-rw".into() },
+                DiskSpec {
+                    path: "/c/root,1.ext4".into(),
+                    read_only: true,
+                    serial: "somna-root".into(),
+                },
+                DiskSpec {
+                    path: "/r/rw.ext4".into(),
+                    read_only: false,
+                    serial: "somna-rw".into(),
+                },
             ],
             channel,
             accelerator: accel,
@@ -293,7 +321,10 @@ mod tests {
     }
 
     fn joined(args: &[OsString]) -> String {
-        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -303,13 +334,28 @@ mod tests {
         let args = joined(&vmm.args(&spec(ChannelKind::Serial, Accelerator::Tcg), &dir));
         assert!(args.contains("-machine microvm"), "{args}");
         assert!(args.contains("-accel tcg,thread=multi -cpu max"), "{args}");
-        assert!(args.contains("file=/c/root,,1.ext4,format=raw,if=none,readonly=on"), "{args}");
-        assert!(args.contains("virtio-blk-device,drive=disk0,serial=somna-root"), "{args}");
+        assert!(
+            args.contains("file=/c/root,,1.ext4,format=raw,if=none,readonly=on"),
+            "{args}"
+        );
+        assert!(
+            args.contains("virtio-blk-device,drive=disk0,serial=somna-root"),
+            "{args}"
+        );
         assert!(args.contains("readonly=off"), "{args}");
-        assert!(args.contains("path=/run/somna/vms/sbx-test/agent.sock,server=on,wait=off"), "{args}");
-        assert!(args.contains("virtserialport,chardev=agent,name=somna.agent"), "{args}");
+        assert!(
+            args.contains("path=/run/somna/vms/sbx-test/agent.sock,server=on,wait=off"),
+            "{args}"
+        );
+        assert!(
+            args.contains("virtserialport,chardev=agent,name=somna.agent"),
+            "{args}"
+        );
         assert!(!args.contains("vsock"), "{args}");
-        assert!(args.contains("-serial file:/run/somna/vms/sbx-test/console.log"), "{args}");
+        assert!(
+            args.contains("-serial file:/run/somna/vms/sbx-test/console.log"),
+            "{args}"
+        );
     }
 
     #[test]
@@ -320,7 +366,10 @@ mod tests {
         assert!(args.contains("-accel kvm -cpu host"), "{args}");
         let cid = QemuVmm::vsock_cid("sbx-test");
         assert!(cid >= 3);
-        assert!(args.contains(&format!("vhost-vsock-device,guest-cid={cid}")), "{args}");
+        assert!(
+            args.contains(&format!("vhost-vsock-device,guest-cid={cid}")),
+            "{args}"
+        );
         assert!(!args.contains("virtserialport"), "{args}");
     }
 }

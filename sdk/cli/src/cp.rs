@@ -33,7 +33,11 @@ fn parse_location(s: &str) -> Location {
     match s.split_once(':') {
         Some((id, path)) if !id.is_empty() && !id.contains('/') => Location::Remote {
             id: id.to_string(),
-            path: if path.is_empty() { "/".into() } else { path.to_string() },
+            path: if path.is_empty() {
+                "/".into()
+            } else {
+                path.to_string()
+            },
         },
         _ => Location::Local(PathBuf::from(s)),
     }
@@ -56,7 +60,10 @@ pub async fn run(client: &Client, args: CpArgs, json: bool) -> anyhow::Result<()
         }
         (Location::Std, Location::Remote { id, path }) => {
             let sb = client.sandbox(&id).await?;
-            let opts = WriteOptions { create_parents: true, ..Default::default() };
+            let opts = WriteOptions {
+                create_parents: true,
+                ..Default::default()
+            };
             let info = sb.write_file_from(&path, tokio::io::stdin(), opts).await?;
             (info.size, 1)
         }
@@ -81,7 +88,10 @@ async fn upload(sb: &Sandbox, local: &Path, remote: &str) -> anyhow::Result<(u64
     if let Ok(info) = sb.stat(remote).await
         && info.r#type() == FileType::Directory
     {
-        let name = local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         target = join(remote, &name);
     }
     if meta.is_dir() {
@@ -91,12 +101,21 @@ async fn upload(sb: &Sandbox, local: &Path, remote: &str) -> anyhow::Result<(u64
     Ok((n, 1))
 }
 
-async fn upload_file(sb: &Sandbox, local: &Path, remote: &str, perms: std::fs::Permissions) -> anyhow::Result<u64> {
+async fn upload_file(
+    sb: &Sandbox,
+    local: &Path,
+    remote: &str,
+    perms: std::fs::Permissions,
+) -> anyhow::Result<u64> {
     use std::os::unix::fs::PermissionsExt;
     let file = tokio::fs::File::open(local)
         .await
         .with_context(|| format!("cannot open {}", local.display()))?;
-    let opts = WriteOptions { mode: perms.mode() & 0o7777, create_parents: true, append: false };
+    let opts = WriteOptions {
+        mode: perms.mode() & 0o7777,
+        create_parents: true,
+        append: false,
+    };
     let info = sb.write_file_from(remote, file, opts).await?;
     Ok(info.size)
 }
@@ -116,10 +135,14 @@ async fn upload_tree(sb: &Sandbox, local: &Path, remote: &str) -> anyhow::Result
             if ft.is_dir() {
                 stack.push((path, rpath));
             } else if ft.is_file() {
-                bytes += upload_file(sb, &path, &rpath, entry.metadata().await?.permissions()).await?;
+                bytes +=
+                    upload_file(sb, &path, &rpath, entry.metadata().await?.permissions()).await?;
                 files += 1;
             } else {
-                eprintln!("somna: skipping {} (not a regular file or directory)", path.display());
+                eprintln!(
+                    "somna: skipping {} (not a regular file or directory)",
+                    path.display()
+                );
             }
         }
     }
@@ -132,7 +155,11 @@ async fn download(sb: &Sandbox, remote: &str, local: &Path) -> anyhow::Result<(u
     let info = sb.stat(remote).await?;
     let mut target = local.to_path_buf();
     if target.is_dir() {
-        target = target.join(if info.name.is_empty() { "root".to_string() } else { info.name.clone() });
+        target = target.join(if info.name.is_empty() {
+            "root".to_string()
+        } else {
+            info.name.clone()
+        });
     }
     match info.r#type() {
         FileType::Directory => download_tree(sb, remote, &target).await,
@@ -168,7 +195,10 @@ async fn download_tree(sb: &Sandbox, remote: &str, local: &Path) -> anyhow::Resu
                     bytes += download_file(sb, &entry.path, &target, entry.mode).await?;
                     files += 1;
                 }
-                _ => eprintln!("somna: skipping {} (not a regular file or directory)", entry.path),
+                _ => eprintln!(
+                    "somna: skipping {} (not a regular file or directory)",
+                    entry.path
+                ),
             }
         }
     }
@@ -188,12 +218,27 @@ mod tests {
         assert_eq!(parse_location("-"), Location::Std);
         assert_eq!(
             parse_location("sbx-1:/tmp/a"),
-            Location::Remote { id: "sbx-1".into(), path: "/tmp/a".into() }
+            Location::Remote {
+                id: "sbx-1".into(),
+                path: "/tmp/a".into()
+            }
         );
-        assert_eq!(parse_location("sbx-1:"), Location::Remote { id: "sbx-1".into(), path: "/".into() });
+        assert_eq!(
+            parse_location("sbx-1:"),
+            Location::Remote {
+                id: "sbx-1".into(),
+                path: "/".into()
+            }
+        );
         assert_eq!(parse_location("./a:b"), Location::Local("./a:b".into()));
-        assert_eq!(parse_location("/tmp/x:y"), Location::Local("/tmp/x:y".into()));
-        assert_eq!(parse_location("file.txt"), Location::Local("file.txt".into()));
+        assert_eq!(
+            parse_location("/tmp/x:y"),
+            Location::Local("/tmp/x:y".into())
+        );
+        assert_eq!(
+            parse_location("file.txt"),
+            Location::Local("file.txt".into())
+        );
         assert_eq!(join("/", "a"), "/a");
         assert_eq!(join("/tmp/", "a"), "/tmp/a");
     }

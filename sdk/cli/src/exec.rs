@@ -87,7 +87,8 @@ pub async fn run(client: &Client, args: ExecArgs) -> anyhow::Result<i32> {
             }
         });
     }
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+    let mut winch =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let mut interrupts = 0;

@@ -11,8 +11,8 @@ use somna_controlplane::{Host, StatusStream};
 use somna_hypervisor_agent::{Agent, SandboxInfo, SandboxRequest, SandboxState};
 use somna_proto::v1::{
     self as proto, CreateSandboxRequest, ExecRequest, ExecResponse, ExecStart, FileChunk, FileInfo,
-    ListFilesRequest, ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest, RenameFileRequest,
-    StatFileRequest, WriteFileRequest, WriteFileResponse, WriteFileStart,
+    ListFilesRequest, ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest,
+    RenameFileRequest, StatFileRequest, WriteFileRequest, WriteFileResponse, WriteFileStart,
 };
 use tonic::Status;
 
@@ -76,7 +76,12 @@ impl Host for LocalHost {
     }
 
     async fn list_sandboxes(&self) -> Result<Vec<proto::Sandbox>, Status> {
-        Ok(self.agent.list().into_iter().map(|i| self.to_proto(i)).collect())
+        Ok(self
+            .agent
+            .list()
+            .into_iter()
+            .map(|i| self.to_proto(i))
+            .collect())
     }
 
     async fn destroy_sandbox(&self, id: &str) -> Result<(), Status> {
@@ -113,15 +118,30 @@ impl Host for LocalHost {
     }
 
     async fn stat_file(&self, req: StatFileRequest) -> Result<FileInfo, Status> {
-        Ok(self.agent.guest(&req.sandbox_id)?.stat_file(req).await?.into_inner())
+        Ok(self
+            .agent
+            .guest(&req.sandbox_id)?
+            .stat_file(req)
+            .await?
+            .into_inner())
     }
 
     async fn list_files(&self, req: ListFilesRequest) -> Result<ListFilesResponse, Status> {
-        Ok(self.agent.guest(&req.sandbox_id)?.list_files(req).await?.into_inner())
+        Ok(self
+            .agent
+            .guest(&req.sandbox_id)?
+            .list_files(req)
+            .await?
+            .into_inner())
     }
 
     async fn make_dir(&self, req: MakeDirRequest) -> Result<FileInfo, Status> {
-        Ok(self.agent.guest(&req.sandbox_id)?.make_dir(req).await?.into_inner())
+        Ok(self
+            .agent
+            .guest(&req.sandbox_id)?
+            .make_dir(req)
+            .await?
+            .into_inner())
     }
 
     async fn remove_file(&self, req: RemoveFileRequest) -> Result<(), Status> {
@@ -138,7 +158,10 @@ impl Host for LocalHost {
 /// `first` followed by `rest`, as a concrete stream type. (Passing a
 /// combinator chain over a boxed stream to the generated client trips a
 /// compiler limitation with higher-ranked lifetimes inside async traits.)
-fn relay<T: Send + 'static>(first: T, mut rest: BoxStream<'static, T>) -> tokio_stream::wrappers::ReceiverStream<T> {
+fn relay<T: Send + 'static>(
+    first: T,
+    mut rest: BoxStream<'static, T>,
+) -> tokio_stream::wrappers::ReceiverStream<T> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         if tx.send(first).await.is_err() {

@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "somna", version, about = "Somna: microVM sandboxes that start instantly")]
+#[command(
+    name = "somna",
+    version,
+    about = "Somna: microVM sandboxes that start instantly"
+)]
 struct Cli {
     /// Address of the Somna API.
     #[arg(long, global = true, env = "SOMNA_ADDR", default_value = somna_sdk::DEFAULT_ADDR)]
@@ -37,7 +41,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("somna: cannot start the async runtime: {e}");

@@ -50,8 +50,13 @@ pub fn sandbox_json(s: &proto::Sandbox) -> Value {
 
 /// "3s", "5m", "2h", "4d".
 pub fn age(ts: &Option<prost_types::Timestamp>) -> String {
-    let Some(t) = timestamp(ts) else { return "-".into() };
-    let d = SystemTime::now().duration_since(t).unwrap_or(Duration::ZERO).as_secs();
+    let Some(t) = timestamp(ts) else {
+        return "-".into();
+    };
+    let d = SystemTime::now()
+        .duration_since(t)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
     match d {
         0..60 => format!("{d}s"),
         60..3600 => format!("{}m", d / 60),

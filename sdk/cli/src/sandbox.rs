@@ -90,7 +90,10 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
     }
     // A spinner on stderr while the VM boots (hidden when not a terminal).
     let spinner = ProgressBar::new_spinner();
-    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     spinner.set_message(format!("creating a sandbox from {}", args.image));
     spinner.enable_steady_tick(Duration::from_millis(100));
     let result = client.create_sandbox(opts).await;
@@ -107,7 +110,10 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
 async fn ls(client: &Client, json: bool) -> anyhow::Result<()> {
     let list = client.list_sandboxes().await?;
     if json {
-        println!("{}", serde_json::Value::Array(list.iter().map(sandbox_json).collect()));
+        println!(
+            "{}",
+            serde_json::Value::Array(list.iter().map(sandbox_json).collect())
+        );
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list
@@ -124,7 +130,10 @@ async fn ls(client: &Client, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table(&["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "ACCEL"], &rows);
+    table(
+        &["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "ACCEL"],
+        &rows,
+    );
     Ok(())
 }
 

@@ -70,12 +70,16 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
     }
     config.accel = args.accel;
 
-    let agent = Agent::start(config).await.context("starting the host agent")?;
+    let agent = Agent::start(config)
+        .await
+        .context("starting the host agent")?;
     let control_plane = ControlPlane::new(vec![Arc::new(LocalHost::new(agent.clone()))]);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr().context("reading the listen address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let accel = agent.accelerator();
     if json {
         println!(
@@ -88,7 +92,12 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("Somna is up at http://{addr} (host {}, accelerator {}: {})", agent.host_id(), accel.accelerator, accel.reason);
+        println!(
+            "Somna is up at http://{addr} (host {}, accelerator {}: {})",
+            agent.host_id(),
+            accel.accelerator,
+            accel.reason
+        );
         println!("  try: somna sandbox create --image busybox");
     }
 

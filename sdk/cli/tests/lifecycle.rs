@@ -14,14 +14,21 @@ fn options() -> Options {
 fn mounts_under(dir: &std::path::Path) -> Vec<String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let needle = dir.to_string_lossy().into_owned();
-    mounts.lines().filter(|l| l.contains(&needle)).map(str::to_string).collect()
+    mounts
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn destroy_leaves_nothing_behind() {
     let platform = Platform::start(options());
     let client = platform.client().await;
-    let sb = client.create_sandbox(CreateOptions::new("busybox")).await.unwrap();
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
     let run_dir = platform.data_dir().join("vms").join(sb.id());
     assert!(run_dir.join("agent.sock").exists() && run_dir.join("qmp.sock").exists());
     let pids = platform.vmm_pids();
@@ -29,7 +36,10 @@ async fn destroy_leaves_nothing_behind() {
 
     let id = sb.id().to_string();
     sb.destroy().await.unwrap();
-    assert!(!run_dir.exists(), "run directory (sockets, disks, logs) removed");
+    assert!(
+        !run_dir.exists(),
+        "run directory (sockets, disks, logs) removed"
+    );
     assert!(platform.vmm_pids().is_empty(), "VMM process gone");
     assert!(mounts_under(platform.data_dir()).is_empty());
     assert!(platform.vm_dirs().is_empty());
@@ -38,30 +48,52 @@ async fn destroy_leaves_nothing_behind() {
         Err(other) => panic!("expected NotFound, got {other:?}"),
         Ok(_) => panic!("destroyed sandbox still listed"),
     }
-    assert!(matches!(client.destroy_sandbox(&id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        client.destroy_sandbox(&id).await,
+        Err(Error::NotFound(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_after_sigkill_reaps_orphaned_vms() {
     let mut platform = Platform::start(options());
     let client = platform.client().await;
-    let sb = client.create_sandbox(CreateOptions::new("busybox")).await.unwrap();
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
     let pids = platform.vmm_pids();
     assert_eq!(pids.len(), 1);
 
     platform.kill_hard();
     // The VM survives its agent (it is an orphan now) ...
-    assert_eq!(platform.vmm_pids(), pids, "the VMM outlived the killed agent");
+    assert_eq!(
+        platform.vmm_pids(),
+        pids,
+        "the VMM outlived the killed agent"
+    );
     assert_eq!(platform.vm_dirs().len(), 1);
 
     // ... until the agent starts again and reaps it.
     platform.restart();
-    assert!(platform.vmm_pids().is_empty(), "orphaned VMM not reaped at start-up");
-    assert!(platform.vm_dirs().is_empty(), "leftover run directory not removed");
+    assert!(
+        platform.vmm_pids().is_empty(),
+        "orphaned VMM not reaped at start-up"
+    );
+    assert!(
+        platform.vm_dirs().is_empty(),
+        "leftover run directory not removed"
+    );
     let client = platform.client().await;
-    assert!(matches!(client.sandbox(sb.id()).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        client.sandbox(sb.id()).await,
+        Err(Error::NotFound(_))
+    ));
     // And the restarted platform works.
-    let sb2 = client.create_sandbox(CreateOptions::new("busybox")).await.unwrap();
+    let sb2 = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
     let out = sb2.exec(Command::new("true")).await.unwrap();
     assert_eq!(out.exit_code, 0);
 }
@@ -70,7 +102,10 @@ async fn restart_after_sigkill_reaps_orphaned_vms() {
 async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
     let platform = Platform::start(options());
     let client = platform.client().await;
-    let mut sb = client.create_sandbox(CreateOptions::new("busybox")).await.unwrap();
+    let mut sb = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
     let pids = platform.vmm_pids();
     assert_eq!(pids.len(), 1);
     // SAFETY: kill(2) on the VMM this test's platform started.
@@ -78,10 +113,17 @@ async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
         libc::kill(pids[0] as libc::pid_t, libc::SIGKILL);
     }
     let run_dir = platform.data_dir().join("vms").join(sb.id());
-    assert!(wait_until(Duration::from_secs(10), || !run_dir.exists()), "run directory not reclaimed");
+    assert!(
+        wait_until(Duration::from_secs(10), || !run_dir.exists()),
+        "run directory not reclaimed"
+    );
     let info = sb.refresh().await.unwrap().clone();
     assert_eq!(info.state, somna_sdk::proto::SandboxState::Failed as i32);
-    assert!(info.failure.contains("killed by signal 9"), "failure: {}", info.failure);
+    assert!(
+        info.failure.contains("killed by signal 9"),
+        "failure: {}",
+        info.failure
+    );
     match sb.exec(Command::new("true")).await {
         Err(Error::FailedPrecondition(m)) => assert!(m.contains("failed"), "{m}"),
         other => panic!("exec on a failed sandbox: {other:?}"),
@@ -93,7 +135,10 @@ async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
 async fn bad_input_gets_clear_errors() {
     let platform = Platform::start(options());
     let client = platform.client().await;
-    match client.create_sandbox(CreateOptions::new("no-such-image")).await {
+    match client
+        .create_sandbox(CreateOptions::new("no-such-image"))
+        .await
+    {
         Err(Error::NotFound(m)) => assert!(m.contains("no-such-image"), "{m}"),
         other => panic!("unknown image: {:?}", other.err()),
     }
@@ -101,7 +146,10 @@ async fn bad_input_gets_clear_errors() {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("Bad Name!"), "{m}"),
         other => panic!("invalid reference: {:?}", other.err()),
     }
-    match client.create_sandbox(CreateOptions::new("busybox").memory_mib(1)).await {
+    match client
+        .create_sandbox(CreateOptions::new("busybox").memory_mib(1))
+        .await
+    {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("memory"), "{m}"),
         other => panic!("too little memory: {:?}", other.err()),
     }
@@ -109,7 +157,10 @@ async fn bad_input_gets_clear_errors() {
         Err(Error::NotFound(m)) => assert!(m.contains("sbx-doesnotexist"), "{m}"),
         other => panic!("unknown sandbox: {:?}", other.err()),
     }
-    assert!(platform.vm_dirs().is_empty(), "failed creates leave nothing behind");
+    assert!(
+        platform.vm_dirs().is_empty(),
+        "failed creates leave nothing behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,7 +169,11 @@ async fn a_guest_that_does_not_boot_reports_its_console() {
     // cannot run: the kernel panics, and create must say so.
     let artifacts = somna_testkit::Artifacts::from_env();
     let broken = tempfile::tempdir().unwrap();
-    std::fs::copy(artifacts.guest_dir.join("vmlinux"), broken.path().join("vmlinux")).unwrap();
+    std::fs::copy(
+        artifacts.guest_dir.join("vmlinux"),
+        broken.path().join("vmlinux"),
+    )
+    .unwrap();
     let stage = tempfile::tempdir().unwrap();
     std::fs::write(stage.path().join("init"), b"not an executable").unwrap();
     let cpio = std::process::Command::new("sh")
@@ -136,12 +191,20 @@ async fn a_guest_that_does_not_boot_reports_its_console() {
     opts.extra_args = vec!["--boot-timeout".into(), "60".into()];
     let platform = Platform::start(opts);
     let client = platform.client().await;
-    let err = client.create_sandbox(CreateOptions::new("busybox")).await.err().expect("boot must fail");
+    let err = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .err()
+        .expect("boot must fail");
     let msg = err.to_string();
     assert!(msg.contains("did not boot"), "{msg}");
-    assert!(msg.contains("Kernel panic"), "the error carries the guest console tail: {msg}");
     assert!(
-        wait_until(Duration::from_secs(10), || platform.vm_dirs().is_empty() && platform.vmm_pids().is_empty()),
+        msg.contains("Kernel panic"),
+        "the error carries the guest console tail: {msg}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || platform.vm_dirs().is_empty()
+            && platform.vmm_pids().is_empty()),
         "a failed boot leaves nothing behind"
     );
 }
@@ -156,8 +219,14 @@ async fn sandbox_timeout_destroys_it() {
         .unwrap();
     assert!(sb.info().expires_at.is_some());
     let run_dir = platform.data_dir().join("vms").join(sb.id());
-    assert!(wait_until(Duration::from_secs(30), || !run_dir.exists()), "the sandbox outlived its timeout");
-    assert!(matches!(client.sandbox(sb.id()).await, Err(Error::NotFound(_))));
+    assert!(
+        wait_until(Duration::from_secs(30), || !run_dir.exists()),
+        "the sandbox outlived its timeout"
+    );
+    assert!(matches!(
+        client.sandbox(sb.id()).await,
+        Err(Error::NotFound(_))
+    ));
     assert!(platform.vmm_pids().is_empty());
 }
 
@@ -173,10 +242,17 @@ async fn auto_accelerator_probes_and_boots() {
     );
     assert!(!platform.accelerator_reason.is_empty());
     if platform.accelerator == "tcg" && std::path::Path::new("/dev/kvm").exists() {
-        assert!(platform.accelerator_reason.contains("probe"), "{}", platform.accelerator_reason);
+        assert!(
+            platform.accelerator_reason.contains("probe"),
+            "{}",
+            platform.accelerator_reason
+        );
     }
     let client = platform.client().await;
-    let sb = client.create_sandbox(CreateOptions::new("busybox")).await.unwrap();
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
     assert_eq!(sb.info().accelerator, platform.accelerator);
     let out = sb.exec(Command::from_argv(["echo", "ok"])).await.unwrap();
     assert_eq!(out.stdout, b"ok\n");

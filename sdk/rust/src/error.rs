@@ -4,7 +4,9 @@ use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot connect to Somna at {addr}: {reason}; is `somna up` running? (set SOMNA_ADDR to its address)")]
+    #[error(
+        "cannot connect to Somna at {addr}: {reason}; is `somna up` running? (set SOMNA_ADDR to its address)"
+    )]
     Connect { addr: String, reason: String },
     #[error("invalid Somna address {addr:?}: {reason}")]
     InvalidAddress { addr: String, reason: String },

@@ -25,12 +25,18 @@ pub struct Command {
 impl Command {
     /// A command running `program` (looked up in the sandbox's PATH).
     pub fn new(program: impl Into<String>) -> Self {
-        Command { argv: vec![program.into()], ..Default::default() }
+        Command {
+            argv: vec![program.into()],
+            ..Default::default()
+        }
     }
 
     /// A command from a full argv.
     pub fn from_argv<I: IntoIterator<Item = S>, S: Into<String>>(argv: I) -> Self {
-        Command { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+        Command {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
     }
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
@@ -77,9 +83,15 @@ impl Command {
             env: self.env.into_iter().collect(),
             cwd: self.cwd,
             user: self.user,
-            timeout_ms: self.timeout.map(|t| t.as_millis().max(1) as u64).unwrap_or(0),
+            timeout_ms: self
+                .timeout
+                .map(|t| t.as_millis().max(1) as u64)
+                .unwrap_or(0),
             stdin: self.stdin,
-            pty: self.pty.map(|(rows, cols)| proto::PtySize { rows: rows.into(), cols: cols.into() }),
+            pty: self.pty.map(|(rows, cols)| proto::PtySize {
+                rows: rows.into(),
+                cols: cols.into(),
+            }),
         }
     }
 }
@@ -140,7 +152,11 @@ impl Process {
                 Some(ev) => Some(ev),
                 None => match self.events.message().await? {
                     Some(msg) => msg.event,
-                    None => return Err(Error::Protocol("the exec stream ended without an exit status".into())),
+                    None => {
+                        return Err(Error::Protocol(
+                            "the exec stream ended without an exit status".into(),
+                        ));
+                    }
                 },
             };
             match event {
@@ -168,17 +184,22 @@ impl Process {
     }
 
     pub async fn close_stdin(&self) -> Result<()> {
-        self.send(exec_request::Msg::CloseStdin(proto::CloseStdin {})).await
+        self.send(exec_request::Msg::CloseStdin(proto::CloseStdin {}))
+            .await
     }
 
     /// Sends a signal (e.g. 15 for SIGTERM) to the process group.
     pub async fn signal(&self, signal: i32) -> Result<()> {
-        self.send(exec_request::Msg::Signal(proto::SendSignal { signal })).await
+        self.send(exec_request::Msg::Signal(proto::SendSignal { signal }))
+            .await
     }
 
     pub async fn resize(&self, rows: u16, cols: u16) -> Result<()> {
-        self.send(exec_request::Msg::Resize(proto::PtySize { rows: rows.into(), cols: cols.into() }))
-            .await
+        self.send(exec_request::Msg::Resize(proto::PtySize {
+            rows: rows.into(),
+            cols: cols.into(),
+        }))
+        .await
     }
 
     /// Collects the remaining output until the process exits.
@@ -221,7 +242,13 @@ impl Sandbox {
                 other => pending = other,
             }
         }
-        Ok(Process { pid, events, pending, input: tx, exited: false })
+        Ok(Process {
+            pid,
+            events,
+            pending,
+            input: tx,
+            exited: false,
+        })
     }
 
     /// Runs a process to completion and collects its output.

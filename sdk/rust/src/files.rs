@@ -29,26 +29,33 @@ impl Sandbox {
     }
 
     /// Streams a file into `writer`; returns the number of bytes.
-    pub async fn read_file_to<W: AsyncWrite + Unpin>(&self, path: &str, mut writer: W) -> Result<u64> {
+    pub async fn read_file_to<W: AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        mut writer: W,
+    ) -> Result<u64> {
         let mut chunks = self.read_file_stream(path).await?;
         let mut n = 0u64;
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             n += chunk.len() as u64;
-            writer
-                .write_all(&chunk)
-                .await
-                .map_err(|source| Error::Io { what: format!("write {path} locally"), source })?;
+            writer.write_all(&chunk).await.map_err(|source| Error::Io {
+                what: format!("write {path} locally"),
+                source,
+            })?;
         }
-        writer
-            .flush()
-            .await
-            .map_err(|source| Error::Io { what: format!("write {path} locally"), source })?;
+        writer.flush().await.map_err(|source| Error::Io {
+            what: format!("write {path} locally"),
+            source,
+        })?;
         Ok(n)
     }
 
     /// The file's content as a stream of chunks.
-    pub async fn read_file_stream(&self, path: &str) -> Result<impl Stream<Item = Result<Vec<u8>>> + use<>> {
+    pub async fn read_file_stream(
+        &self,
+        path: &str,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>>> + use<>> {
         let req = proto::ReadFileRequest {
             sandbox_id: self.id().to_string(),
             path: path.to_string(),
@@ -61,8 +68,12 @@ impl Sandbox {
 
     /// Writes (replaces) a file with `data`, creating missing parents.
     pub async fn write_file(&self, path: &str, data: Vec<u8>) -> Result<proto::FileInfo> {
-        let opts = WriteOptions { create_parents: true, ..Default::default() };
-        self.write_file_from(path, std::io::Cursor::new(data), opts).await
+        let opts = WriteOptions {
+            create_parents: true,
+            ..Default::default()
+        };
+        self.write_file_from(path, std::io::Cursor::new(data), opts)
+            .await
     }
 
     /// Streams `reader` into a file.
@@ -94,13 +105,18 @@ impl Sandbox {
                     return Ok(());
                 }
                 buf.truncate(n);
-                let msg = proto::WriteFileRequest { msg: Some(write_file_request::Msg::Data(buf)) };
+                let msg = proto::WriteFileRequest {
+                    msg: Some(write_file_request::Msg::Data(buf)),
+                };
                 if tx.send(msg).await.is_err() {
                     return Ok(());
                 }
             }
         });
-        let result = self.rpc().write_file(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let result = self
+            .rpc()
+            .write_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
         let read: std::io::Result<()> = pump
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
@@ -112,12 +128,18 @@ impl Sandbox {
     }
 
     pub async fn stat(&self, path: &str) -> Result<proto::FileInfo> {
-        let req = proto::StatFileRequest { sandbox_id: self.id().to_string(), path: path.to_string() };
+        let req = proto::StatFileRequest {
+            sandbox_id: self.id().to_string(),
+            path: path.to_string(),
+        };
         Ok(self.rpc().stat_file(req).await?.into_inner())
     }
 
     pub async fn list_files(&self, path: &str) -> Result<Vec<proto::FileInfo>> {
-        let req = proto::ListFilesRequest { sandbox_id: self.id().to_string(), path: path.to_string() };
+        let req = proto::ListFilesRequest {
+            sandbox_id: self.id().to_string(),
+            path: path.to_string(),
+        };
         Ok(self.rpc().list_files(req).await?.into_inner().entries)
     }
 

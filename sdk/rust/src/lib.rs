@@ -43,9 +43,16 @@ impl Client {
     /// Connects to `addr` (`http://host:port`; a bare `host:port` is
     /// accepted too).
     pub async fn connect(addr: &str) -> Result<Client> {
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| Error::InvalidAddress { addr: addr.to_string(), reason: e.to_string() })?
+            .map_err(|e| Error::InvalidAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024)
             .tcp_nodelay(true)
@@ -83,17 +90,32 @@ impl Client {
             timeout_seconds: options.timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
         };
         let info = self.rpc().create_sandbox(req).await?.into_inner();
-        Ok(Sandbox { client: self.clone(), info })
+        Ok(Sandbox {
+            client: self.clone(),
+            info,
+        })
     }
 
     /// A handle to an existing sandbox.
     pub async fn sandbox(&self, id: &str) -> Result<Sandbox> {
-        let info = self.rpc().get_sandbox(proto::GetSandboxRequest { id: id.to_string() }).await?.into_inner();
-        Ok(Sandbox { client: self.clone(), info })
+        let info = self
+            .rpc()
+            .get_sandbox(proto::GetSandboxRequest { id: id.to_string() })
+            .await?
+            .into_inner();
+        Ok(Sandbox {
+            client: self.clone(),
+            info,
+        })
     }
 
     pub async fn list_sandboxes(&self) -> Result<Vec<proto::Sandbox>> {
-        Ok(self.rpc().list_sandboxes(proto::ListSandboxesRequest {}).await?.into_inner().sandboxes)
+        Ok(self
+            .rpc()
+            .list_sandboxes(proto::ListSandboxesRequest {})
+            .await?
+            .into_inner()
+            .sandboxes)
     }
 
     pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
@@ -118,7 +140,10 @@ pub struct CreateOptions {
 
 impl CreateOptions {
     pub fn new(image: impl Into<String>) -> Self {
-        CreateOptions { image: image.into(), ..Default::default() }
+        CreateOptions {
+            image: image.into(),
+            ..Default::default()
+        }
     }
     pub fn cpus(mut self, cpus: u32) -> Self {
         self.cpus = cpus;

@@ -113,7 +113,10 @@ impl Platform {
             .arg(&o.artifacts.image_dir)
             .args(["--accel", &o.accel])
             .args(&o.extra_args)
-            .env("SOMNA_LOG", std::env::var("SOMNA_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "SOMNA_LOG",
+                std::env::var("SOMNA_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -126,16 +129,22 @@ impl Platform {
             let status = child.wait().ok();
             panic!("somna up exited before serving ({status:?}); see its log above");
         }
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad `somna up` line {line:?}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("bad `somna up` line {line:?}: {e}"));
         self.addr = v["addr"].as_str().unwrap_or_default().to_string();
         self.accelerator = v["accelerator"].as_str().unwrap_or_default().to_string();
-        self.accelerator_reason = v["accelerator_reason"].as_str().unwrap_or_default().to_string();
+        self.accelerator_reason = v["accelerator_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         self.child = Some(child);
     }
 
     /// A client of this platform.
     pub async fn client(&self) -> somna_sdk::Client {
-        somna_sdk::Client::connect(&self.addr).await.expect("connect to somna up")
+        somna_sdk::Client::connect(&self.addr)
+            .await
+            .expect("connect to somna up")
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -156,7 +165,10 @@ impl Platform {
     pub fn vmm_pids(&self) -> Vec<u32> {
         let vms = self.data_dir().join("vms");
         let own = self.child.as_ref().map(|c| c.id());
-        processes_mentioning(&vms).into_iter().filter(|p| Some(*p) != own).collect()
+        processes_mentioning(&vms)
+            .into_iter()
+            .filter(|p| Some(*p) != own)
+            .collect()
     }
 
     /// `somna` CLI command pointed at this platform.
@@ -183,7 +195,9 @@ impl Platform {
     /// Stops `somna up` gracefully (SIGTERM: it destroys its sandboxes).
     /// Returns true if it exited in time.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return true };
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
         // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe {
             libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
@@ -221,11 +235,20 @@ impl Drop for Platform {
 pub fn processes_mentioning(path: &Path) -> Vec<u32> {
     let needle = path.to_string_lossy().into_owned();
     let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        if raw.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(&needle)) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if raw
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+        {
             pids.push(pid);
         }
     }

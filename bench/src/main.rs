@@ -3,6 +3,7 @@
 //!
 //!   somna-bench cold-boot [--runs 10]      create → first exec result
 //!   somna-bench exec-rtt [--runs 200]      exec of `true` on a running sandbox
+//!   somna-bench stat-rtt [--runs 200]      file stat: the channel alone
 //!   somna-bench files [--size-mib 100]     file write/read throughput
 //!
 //! Without `--addr` each run starts its own `somna up` (the binary next to
@@ -38,6 +39,11 @@ enum Bench {
         runs: usize,
     },
     ExecRtt {
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+    },
+    /// Round trip of a file stat: the host↔guest channel without a process.
+    StatRtt {
         #[arg(long, default_value_t = 200)]
         runs: usize,
     },
@@ -108,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
     let result = match cli.bench {
         Bench::ColdBoot { runs } => cold_boot(&client, &cli.image, runs).await?,
         Bench::ExecRtt { runs } => exec_rtt(&client, &cli.image, runs).await?,
+        Bench::StatRtt { runs } => stat_rtt(&client, &cli.image, runs).await?,
         Bench::Files { size_mib, runs } => files(&client, &cli.image, size_mib, runs).await?,
     };
     println!("{result}");
@@ -160,6 +167,27 @@ async fn exec_rtt(client: &Client, image: &str, runs: usize) -> anyhow::Result<s
         &accelerator,
         samples,
         json!({ "image": image, "what": "exec `true` round trip" }),
+    ))
+}
+
+async fn stat_rtt(client: &Client, image: &str, runs: usize) -> anyhow::Result<serde_json::Value> {
+    let sb = client.create_sandbox(CreateOptions::new(image)).await?;
+    for _ in 0..5 {
+        sb.stat("/").await?;
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        sb.stat("/etc/passwd").await?;
+        samples.push(start.elapsed());
+    }
+    let accelerator = sb.info().accelerator.clone();
+    sb.destroy().await?;
+    Ok(summary(
+        "stat_rtt",
+        &accelerator,
+        samples,
+        json!({ "image": image, "what": "stat of a file round trip" }),
     ))
 }
 

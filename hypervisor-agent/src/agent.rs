@@ -22,6 +22,9 @@ use crate::sandbox::{Sandbox, SandboxInfo, SandboxRequest, SandboxState};
 use crate::vmm::qemu::QemuVmm;
 use crate::vmm::{DiskSpec, VmSpec, Vmm};
 
+/// How long a VMM gets to exit cleanly on destroy before it is killed.
+const VMM_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Lines of guest console included in boot and crash errors.
 const CONSOLE_TAIL_LINES: usize = 30;
 
@@ -319,7 +322,7 @@ impl Agent {
         let sandbox = self.lookup(id)?;
         sandbox.update(|i| i.state = SandboxState::Destroying);
         let started = Instant::now();
-        let exit = sandbox.vm.kill().await;
+        let exit = sandbox.vm.stop(VMM_STOP_GRACE).await;
         sandbox.dir.remove().map_err(AgentError::io(format!(
             "remove run directory {}",
             sandbox.dir.path().display()

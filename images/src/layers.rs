@@ -189,9 +189,13 @@ impl Unpacker {
             return self.apply_whiteout(parent_comps, name, added);
         }
 
+        // With `Some(added)` resolve_dir creates missing parents, so None
+        // would mean the tree changed under us.
         let parent = self
             .resolve_dir(parent_comps, Some(added))?
-            .expect("resolve_dir creates missing parents");
+            .ok_or_else(|| {
+                EntryError::Invalid("its parent directory could not be created".into())
+            })?;
         let dest = parent.join(name);
 
         match kind {

@@ -166,4 +166,8 @@ pub trait Vm: Send + Sync {
 
     /// Stop the VM now (SIGKILL to the VMM) and wait until the process is gone.
     async fn kill(&self) -> VmExit;
+
+    /// Ask the VMM to exit through its control API (QMP `quit`, CH
+    /// `vmm.shutdown`); kill it if it has not exited within `grace`.
+    async fn stop(&self, grace: std::time::Duration) -> VmExit;
 }

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use super::qmp::Qmp;
 use super::{Accelerator, AgentEndpoint, ChannelKind, Vm, VmExit, VmSpec, Vmm, VmmError};
 use crate::rundir::VmDir;
 
@@ -237,6 +238,7 @@ impl Vmm for QemuVmm {
             pid,
             endpoint,
             exit: rx,
+            qmp_socket: dir.qmp_socket(),
         }))
     }
 }
@@ -246,6 +248,7 @@ pub struct QemuVm {
     pid: u32,
     endpoint: AgentEndpoint,
     exit: watch::Receiver<Option<VmExit>>,
+    qmp_socket: PathBuf,
 }
 
 #[async_trait]
@@ -287,6 +290,26 @@ impl Vm for QemuVm {
             }
         }
         self.wait_exit().await
+    }
+
+    async fn stop(&self, grace: std::time::Duration) -> VmExit {
+        if let Some(exit) = self.try_exit() {
+            return exit;
+        }
+        let quit = async {
+            let mut qmp = Qmp::connect(&self.qmp_socket).await?;
+            qmp.execute("quit", None).await
+        };
+        // QEMU may close the socket before answering `quit`: what counts is
+        // that the process ends.
+        let asked = tokio::time::timeout(grace, quit).await;
+        if let Ok(Err(e)) = &asked {
+            tracing::debug!(pid = self.pid, error = %e, "QMP quit failed; killing");
+        }
+        match tokio::time::timeout(grace, self.wait_exit()).await {
+            Ok(exit) => exit,
+            Err(_) => self.kill().await,
+        }
     }
 }
 

@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "somna/v1/process.proto",
         "somna/v1/files.proto",
         "somna/v1/sandbox.proto",
+        "somna/v1/hosts.proto",
         "somna/guest/v1/guest.proto",
     ];
     for f in &files {

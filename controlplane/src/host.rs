@@ -28,6 +28,11 @@ pub trait Host: Send + Sync + 'static {
     async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
     async fn list_sandboxes(&self) -> Result<Vec<Sandbox>, Status>;
     async fn destroy_sandbox(&self, id: &str) -> Result<(), Status>;
+    /// Light sleep: snapshot the VM and give its RAM back to the host.
+    async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
+    async fn wake_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
+    /// The host's state: accelerator, counts, templates, warm pools.
+    async fn info(&self) -> Result<somna_proto::v1::Host, Status>;
 
     /// Runs a process: `start` was the first message of the client's
     /// stream, `rest` are the messages after it.

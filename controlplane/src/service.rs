@@ -11,7 +11,8 @@ use somna_proto::v1::{
     FileChunk, FileInfo, GetSandboxRequest, ListFilesRequest, ListFilesResponse,
     ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest, ReadFileRequest,
     RemoveFileRequest, RemoveFileResponse, RenameFileRequest, RenameFileResponse, Sandbox,
-    StatFileRequest, WriteFileRequest, WriteFileResponse, exec_request, write_file_request,
+    SleepSandboxRequest, StatFileRequest, WakeSandboxRequest, WriteFileRequest, WriteFileResponse,
+    exec_request, write_file_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -30,6 +31,11 @@ impl ControlPlane {
         ControlPlane {
             registry: Arc::new(Registry::new(hosts)),
         }
+    }
+
+    /// The hosts service, ready to add to a server.
+    pub fn hosts_service(&self) -> somna_proto::v1::hosts_server::HostsServer<ControlPlane> {
+        somna_proto::v1::hosts_server::HostsServer::new(self.clone())
     }
 
     /// The tonic service, ready to add to a server.
@@ -183,6 +189,28 @@ impl Sandboxes for ControlPlane {
         Ok(Response::new(ListSandboxesResponse { sandboxes }))
     }
 
+    async fn sleep_sandbox(
+        &self,
+        request: Request<SleepSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        let id = request.into_inner().id;
+        let host = self.host_of(&id)?;
+        Ok(Response::new(
+            self.with_expiry(host.sleep_sandbox(&id).await?),
+        ))
+    }
+
+    async fn wake_sandbox(
+        &self,
+        request: Request<WakeSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        let id = request.into_inner().id;
+        let host = self.host_of(&id)?;
+        Ok(Response::new(
+            self.with_expiry(host.wake_sandbox(&id).await?),
+        ))
+    }
+
     async fn destroy_sandbox(
         &self,
         request: Request<DestroySandboxRequest>,
@@ -281,5 +309,19 @@ impl Sandboxes for ControlPlane {
         let req = request.into_inner();
         self.host_of(&req.sandbox_id)?.rename_file(req).await?;
         Ok(Response::new(RenameFileResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl somna_proto::v1::hosts_server::Hosts for ControlPlane {
+    async fn list_hosts(
+        &self,
+        _request: Request<somna_proto::v1::ListHostsRequest>,
+    ) -> Result<Response<somna_proto::v1::ListHostsResponse>, Status> {
+        let mut hosts = Vec::new();
+        for host in self.registry.hosts() {
+            hosts.push(host.info().await?);
+        }
+        Ok(Response::new(somna_proto::v1::ListHostsResponse { hosts }))
     }
 }

@@ -70,6 +70,21 @@ impl Host for FakeHost {
         self.notify.notify_waiters();
         Ok(())
     }
+    async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
+        let mut s = sandbox(id);
+        s.state = SandboxState::Sleeping as i32;
+        Ok(s)
+    }
+    async fn wake_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
+        Ok(sandbox(id))
+    }
+    async fn info(&self) -> Result<somna_proto::v1::Host, Status> {
+        Ok(somna_proto::v1::Host {
+            id: "fake".into(),
+            sandboxes_running: self.live().len() as u32,
+            ..Default::default()
+        })
+    }
     async fn exec(
         &self,
         start: ExecStart,
@@ -144,6 +159,15 @@ impl Host for FakeHost {
 }
 
 async fn start() -> (Arc<FakeHost>, SandboxesClient<tonic::transport::Channel>) {
+    let (host, client, _) = start_with_addr().await;
+    (host, client)
+}
+
+async fn start_with_addr() -> (
+    Arc<FakeHost>,
+    SandboxesClient<tonic::transport::Channel>,
+    String,
+) {
     let host = Arc::new(FakeHost::default());
     let cp = ControlPlane::new(vec![host.clone() as Arc<dyn Host>]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -152,7 +176,7 @@ async fn start() -> (Arc<FakeHost>, SandboxesClient<tonic::transport::Channel>) 
     let client = SandboxesClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    (host, client)
+    (host, client, format!("http://{addr}"))
 }
 
 fn create(image: &str, timeout_seconds: u64) -> CreateSandboxRequest {
@@ -358,4 +382,38 @@ async fn write_file_relays_chunks() {
         .unwrap()
         .into_inner();
     assert_eq!(info.file.unwrap().size, 4000);
+}
+
+#[tokio::test]
+async fn sleep_wake_and_hosts_are_relayed() {
+    let (_host, mut client, addr) = start_with_addr().await;
+    let sb = client
+        .create_sandbox(create("busybox", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let slept = client
+        .sleep_sandbox(SleepSandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(slept.state, SandboxState::Sleeping as i32);
+    let err = client
+        .wake_sandbox(WakeSandboxRequest {
+            id: "sbx-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut hosts = somna_proto::v1::hosts_client::HostsClient::connect(addr)
+        .await
+        .unwrap();
+    let list = hosts
+        .list_hosts(ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.hosts.len(), 1);
+    assert_eq!(list.hosts[0].id, "fake");
+    assert_eq!(list.hosts[0].sandboxes_running, 1);
 }

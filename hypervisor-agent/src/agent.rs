@@ -1,47 +1,94 @@
-//! The host agent: owns every sandbox VM on this host, from image to boot to
-//! destroy, and cleans up what a previous (crashed) agent left behind.
+//! The host agent: owns every sandbox VM on this host, from image to boot
+//! (or restore from a template, or a warm pool) to sleep, wake and destroy,
+//! and cleans up what a previous (crashed) agent left behind.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
 use rand::Rng;
-use somna_images::{ImageStore, ImageStoreConfig};
-use somna_proto::guest::v1::guest_agent_client::GuestAgentClient;
-use somna_proto::v1::ExecStart;
-use tonic::transport::Channel;
+use somna_images::{Image, ImageStore, ImageStoreConfig, RootDisk};
+use somna_snapshotter::TemplateStore;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::accel::{self, AccelChoice};
 use crate::config::{AgentConfig, ChannelMode, GuestArtifacts};
 use crate::error::AgentError;
-use crate::guest::GuestClient;
+use crate::launch::{self, LaunchFailure};
+use crate::pool::WarmPools;
 use crate::recovery;
 use crate::rundir::VmDir;
-use crate::sandbox::{Sandbox, SandboxInfo, SandboxRequest, SandboxState};
+use crate::sandbox::{
+    Activity, LiveVm, MemoryMode, Sandbox, SandboxInfo, SandboxRequest, SandboxState, StartMode,
+};
 use crate::vmm::qemu::QemuVmm;
-use crate::vmm::{DiskSpec, VmSpec, Vmm};
+use crate::vmm::{DiskSpec, MemoryBacking, VmSpec, Vmm};
 
 /// How long a VMM gets to exit cleanly on destroy before it is killed.
-const VMM_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const VMM_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Lines of guest console included in boot and crash errors.
-const CONSOLE_TAIL_LINES: usize = 30;
+/// The size of a VM: what templates and pools are keyed by (with the image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Shape {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+}
 
 pub struct Agent {
-    config: AgentConfig,
-    guest: GuestArtifacts,
-    vmm: Arc<dyn Vmm>,
+    pub(crate) config: AgentConfig,
+    pub(crate) guest: GuestArtifacts,
+    /// Hash of everything a snapshot depends on besides the image and size.
+    pub(crate) guest_fingerprint: String,
+    pub(crate) vmm: Arc<dyn Vmm>,
     accel: AccelChoice,
     /// Kernel parameters every guest gets on this host.
     kernel_args: String,
     images: ImageStore,
+    pub(crate) templates: TemplateStore,
+    pub(crate) template_state: std::sync::Mutex<crate::templates::TemplateState>,
+    pub(crate) pools: WarmPools,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+}
+
+/// What `somna host ls` shows about this host.
+#[derive(Debug, Clone)]
+pub struct HostInfo {
+    pub id: String,
+    pub accelerator: AccelChoice,
+    pub vmm: &'static str,
+    pub running: u32,
+    pub sleeping: u32,
+    pub templates: Vec<TemplateInfo>,
+    pub warm_pools: Vec<PoolInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TemplateInfo {
+    pub image: String,
+    pub image_digest: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    pub size_bytes: u64,
+    pub created_at: SystemTime,
+    pub clones: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolInfo {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    pub target: u32,
+    pub ready: u32,
 }
 
 impl Agent {
     /// Starts the agent: reaps what a previous agent left, picks the
-    /// accelerator (probing KVM in `auto` mode) and opens the image store.
+    /// accelerator (probing KVM in `auto` mode), opens the image and
+    /// template stores, and starts the warm pools and the idle monitor.
     pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         std::fs::create_dir_all(&config.data_dir).map_err(AgentError::io(format!(
             "create data directory {}",
@@ -91,11 +138,6 @@ impl Agent {
             "accelerator selected"
         );
 
-        let images = ImageStore::new(ImageStoreConfig {
-            local_dirs: config.image_dirs.clone(),
-            cache_dir: config.image_cache_dir(),
-        })?;
-
         let kernel_args = [
             "console=ttyS0 quiet panic=-1",
             qemu.guest_kernel_args(),
@@ -106,16 +148,40 @@ impl Agent {
         .copied()
         .collect::<Vec<_>>()
         .join(" ");
+        let guest_fingerprint =
+            crate::templates::guest_fingerprint(&guest, &version, accel.accelerator, &kernel_args)
+                .map_err(AgentError::io("fingerprint the guest kernel and initramfs"))?;
 
-        Ok(Arc::new(Agent {
+        let images = ImageStore::new(ImageStoreConfig {
+            local_dirs: config.image_dirs.clone(),
+            cache_dir: config.image_cache_dir(),
+        })?;
+        let templates =
+            TemplateStore::open(&config.templates_dir()).map_err(AgentError::Snapshot)?;
+        let stale = templates.remove_stale(&guest_fingerprint);
+        if stale > 0 {
+            info!(
+                removed = stale,
+                "removed templates built for another guest build"
+            );
+        }
+
+        let agent = Arc::new(Agent {
             kernel_args,
             guest,
+            guest_fingerprint,
             vmm: Arc::new(qemu),
             accel,
             images,
+            templates,
+            template_state: Default::default(),
+            pools: WarmPools::new(&config.warm_pools),
             sandboxes: RwLock::new(HashMap::new()),
             config,
-        }))
+        });
+        crate::lifecycle::spawn_idle_monitor(&agent);
+        crate::pool::spawn_fillers(&agent);
+        Ok(agent)
     }
 
     pub fn host_id(&self) -> &str {
@@ -137,7 +203,8 @@ impl Agent {
         req: SandboxRequest,
     ) -> Result<SandboxInfo, AgentError> {
         let id = new_sandbox_id();
-        let span = info_span!("create_sandbox", %id, image = %req.image);
+        let span =
+            info_span!("create_sandbox", %id, image = %req.image, mode = req.start_mode.as_str());
         self.create_inner(id, req).instrument(span).await
     }
 
@@ -147,22 +214,65 @@ impl Agent {
         req: SandboxRequest,
     ) -> Result<SandboxInfo, AgentError> {
         let started = Instant::now();
-        let (cpus, memory_mib, disk_mib) = self.validate(&req)?;
+        let shape = self.validate(&req)?;
         let image = self.images.resolve(&req.image).await?;
         let root = self.images.root_disk(&image).await?;
 
-        let dir = VmDir::create(&self.config.vms_dir(), &id)
-            .map_err(AgentError::io(format!("create run directory for {id}")))?;
-        somna_images::create_writable_disk(&dir.rw_disk(), u64::from(disk_mib))
-            .await
-            .inspect_err(|_| {
-                let _ = dir.remove();
-            })?;
+        if matches!(req.start_mode, StartMode::Auto | StartMode::WarmPool) {
+            if let Some(pooled) = self.pools.claim(&image.manifest_digest.to_string(), shape) {
+                match self
+                    .adopt_pooled(pooled, &req, &image, shape, started)
+                    .await
+                {
+                    Ok(info) => return Ok(info),
+                    Err(e) if req.start_mode == StartMode::Auto => {
+                        warn!(error = %e, "warm-pool VM did not come up; falling back")
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else if req.start_mode == StartMode::WarmPool {
+                return Err(AgentError::NotReady(format!(
+                    "no warm-pool VM of {} ({} vCPU, {} MiB) is ready on this host",
+                    req.image, shape.cpus, shape.memory_mib
+                )));
+            }
+        }
+        let template = match req.start_mode {
+            StartMode::Template => Some(self.ensure_template(&image, &root, shape).await?),
+            StartMode::Auto if self.config.templates => self.ready_template(&image, &root, shape),
+            _ => None,
+        };
+        match template {
+            Some(t) => {
+                self.create_from_template(id, &req, &image, &root, shape, &t, started)
+                    .await
+            }
+            None => {
+                let info = self
+                    .create_cold(id, &req, &image, &root, shape, started)
+                    .await?;
+                if req.start_mode == StartMode::Auto && self.config.templates {
+                    self.build_template_in_background(image, root, shape);
+                }
+                Ok(info)
+            }
+        }
+    }
 
-        let spec = VmSpec {
-            id: id.clone(),
-            cpus,
-            memory_mib,
+    /// The VM shape of a sandbox with its RAM in its own memory file.
+    pub(crate) fn vm_spec(
+        &self,
+        id: &str,
+        shape: Shape,
+        root: &RootDisk,
+        rw_disk: std::path::PathBuf,
+        memory: MemoryBacking,
+    ) -> VmSpec {
+        VmSpec {
+            id: id.to_string(),
+            cpus: shape.cpus,
+            memory_mib: shape.memory_mib,
+            memory,
             kernel: self.guest.kernel.clone(),
             initramfs: self.guest.initramfs.clone(),
             cmdline: format!(
@@ -177,99 +287,166 @@ impl Agent {
                     serial: "somna-root".into(),
                 },
                 DiskSpec {
-                    path: dir.rw_disk(),
+                    path: rw_disk,
                     read_only: false,
                     serial: "somna-rw".into(),
                 },
             ],
             channel: self.vmm.channel(),
             accelerator: self.accel.accelerator,
-        };
-        let vm = match self.vmm.launch(&spec, &dir).await {
-            Ok(vm) => vm,
-            Err(source) => {
-                let _ = dir.remove();
-                return Err(AgentError::Vmm { id, source });
-            }
-        };
-        let sandbox = Arc::new(Sandbox {
+        }
+    }
+
+    /// A new sandbox record (state Creating) for a VM in `dir`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_sandbox(
+        &self,
+        id: &str,
+        req: &SandboxRequest,
+        image: &Image,
+        root: &RootDisk,
+        shape: Shape,
+        dir: VmDir,
+        mode: StartMode,
+        memory: MemoryMode,
+    ) -> Arc<Sandbox> {
+        let spec = self.vm_spec(
+            id,
+            shape,
+            root,
+            dir.rw_disk(),
+            MemoryBacking {
+                path: dir.memory_file(),
+                shared: true,
+            },
+        );
+        let activity = Arc::new(Activity::default());
+        activity.touch();
+        Arc::new(Sandbox {
             info: std::sync::Mutex::new(SandboxInfo {
-                id: id.clone(),
+                id: id.to_string(),
                 image: req.image.clone(),
                 image_digest: image.manifest_digest.to_string(),
                 state: SandboxState::Creating,
-                cpus,
-                memory_mib,
-                disk_mib,
+                cpus: shape.cpus,
+                memory_mib: shape.memory_mib,
+                disk_mib: shape.disk_mib,
                 env: req.env.clone(),
                 created_at: SystemTime::now(),
                 accelerator: self.accel.accelerator,
                 failure: None,
                 boot_ms: 0,
-                vmm_pid: vm.pid(),
+                start_mode: mode,
+                idle_timeout: req.idle_timeout,
+                last_active_at: SystemTime::now(),
+                sleep_count: 0,
+                wake_count: 0,
+                vmm_pid: 0,
                 run_dir: dir.path().to_path_buf(),
             }),
-            guest: GuestClient::new(vm.agent_endpoint()),
+            root_disk_id: crate::templates::root_disk_id(root),
             image_config: image.config.clone(),
+            spec,
+            live: std::sync::Mutex::new(None),
+            memory: std::sync::Mutex::new(memory),
+            lifecycle: tokio::sync::Mutex::new(()),
+            epoch: tokio::sync::watch::channel(0).0,
+            activity,
             dir,
-            vm,
-        });
-        self.write_map().insert(id.clone(), sandbox.clone());
+        })
+    }
 
+    /// Boots a fresh VM for a new sandbox.
+    async fn create_cold(
+        self: &Arc<Self>,
+        id: String,
+        req: &SandboxRequest,
+        image: &Image,
+        root: &RootDisk,
+        shape: Shape,
+        started: Instant,
+    ) -> Result<SandboxInfo, AgentError> {
+        let dir = VmDir::create(&self.config.vms_dir(), &id)
+            .map_err(AgentError::io(format!("create run directory for {id}")))?;
+        if let Err(e) =
+            somna_images::create_writable_disk(&dir.rw_disk(), u64::from(shape.disk_mib)).await
+        {
+            let _ = dir.remove();
+            return Err(e.into());
+        }
+        let sandbox = self.new_sandbox(
+            &id,
+            req,
+            image,
+            root,
+            shape,
+            dir,
+            StartMode::ColdBoot,
+            MemoryMode::Own,
+        );
+        self.write_map().insert(id.clone(), sandbox.clone());
         let deadline = started + self.config.boot_timeout;
-        let ready = tokio::select! {
-            r = sandbox.guest.wait_ready(deadline) => r.map_err(|s| format!("the guest agent did not answer: {}", s.message())),
-            exit = sandbox.vm.wait_exit() => Err(format!("the VMM {exit} while the guest was booting")),
-        };
-        let health = match ready {
-            Ok(h) if h.sandbox_id == id => h,
-            Ok(h) => {
-                let reason = format!(
+        let (live, health) =
+            match launch::boot(self.vmm.as_ref(), &sandbox.spec, &sandbox.dir, deadline).await {
+                Ok(ok) => ok,
+                Err(f) => return Err(self.fail_create(&sandbox, f)),
+            };
+        if health.sandbox_id != id {
+            live.vm.kill().await;
+            let f = LaunchFailure {
+                reason: format!(
                     "the guest reports sandbox id {:?}, expected {id}",
-                    h.sandbox_id
-                );
-                return self.fail_boot(&sandbox, reason);
-            }
-            Err(reason) => return self.fail_boot(&sandbox, reason),
-        };
+                    health.sandbox_id
+                ),
+                console: sandbox.dir.console_tail(30),
+            };
+            return Err(self.fail_create(&sandbox, f));
+        }
+        Ok(self.mark_running(&sandbox, live, started))
+    }
+
+    /// Makes a freshly started sandbox `running` and watches its VMM.
+    pub(crate) fn mark_running(
+        self: &Arc<Self>,
+        sandbox: &Arc<Sandbox>,
+        live: LiveVm,
+        started: Instant,
+    ) -> SandboxInfo {
         let boot_ms = started.elapsed().as_millis() as u64;
+        let live = Arc::new(live);
+        sandbox.set_live(Some(live.clone()));
         sandbox.update(|i| {
             i.state = SandboxState::Running;
             i.boot_ms = boot_ms;
         });
-        info!(boot_ms, guest_kernel = %health.kernel, pid = sandbox.vm.pid(), "sandbox running");
-        tokio::spawn(watch_vmm(sandbox.clone()));
-        Ok(sandbox.info())
+        sandbox.activity.touch();
+        let info = sandbox.info();
+        info!(
+            boot_ms,
+            mode = info.start_mode.as_str(),
+            pid = info.vmm_pid,
+            "sandbox running"
+        );
+        tokio::spawn(crate::lifecycle::watch_vmm(sandbox.clone(), live));
+        info
     }
 
-    /// Tears down a sandbox whose guest did not come up and explains why.
-    fn fail_boot<T>(&self, sandbox: &Arc<Sandbox>, reason: String) -> Result<T, AgentError> {
+    /// Tears down a sandbox whose VM did not come up and explains why.
+    pub(crate) fn fail_create(&self, sandbox: &Arc<Sandbox>, f: LaunchFailure) -> AgentError {
         let id = sandbox.info().id;
-        let sandbox = sandbox.clone();
-        let console = sandbox.dir.console_tail(CONSOLE_TAIL_LINES);
-        let vmm_log = sandbox.dir.vmm_log_tail(5);
         self.write_map().remove(&id);
-        // Killing and removing must finish even if the caller goes away.
-        tokio::spawn(async move {
-            sandbox.vm.kill().await;
-            if let Err(e) = sandbox.dir.remove() {
-                warn!(error = %e, dir = %sandbox.dir.path().display(), "cannot remove run directory");
-            }
-        });
-        let reason = if vmm_log.trim().is_empty() {
-            reason
-        } else {
-            format!("{reason}; VMM said: {}", vmm_log.trim())
-        };
-        warn!(%id, %reason, "sandbox failed to boot");
-        Err(AgentError::BootFailed {
+        if let Err(e) = sandbox.dir.remove() {
+            warn!(error = %e, dir = %sandbox.dir.path().display(), "cannot remove run directory");
+        }
+        warn!(%id, reason = %f.reason, "sandbox failed to start");
+        AgentError::BootFailed {
             id,
-            reason,
-            console,
-        })
+            reason: f.reason,
+            console: f.console,
+        }
     }
 
-    fn validate(&self, req: &SandboxRequest) -> Result<(u32, u32, u32), AgentError> {
+    fn validate(&self, req: &SandboxRequest) -> Result<Shape, AgentError> {
         let l = &self.config.limits;
         let or = |v: u32, d: u32| if v == 0 { d } else { v };
         let cpus = or(req.cpus, l.default_cpus);
@@ -303,7 +480,21 @@ impl Agent {
                 )));
             }
         }
-        Ok((cpus, memory, disk))
+        Ok(Shape {
+            cpus,
+            memory_mib: memory,
+            disk_mib: disk,
+        })
+    }
+
+    /// The default shape (what warm pools hold).
+    pub(crate) fn default_shape(&self) -> Shape {
+        let l = &self.config.limits;
+        Shape {
+            cpus: l.default_cpus,
+            memory_mib: l.default_memory_mib,
+            disk_mib: l.default_disk_mib,
+        }
     }
 
     pub fn get(&self, id: &str) -> Result<SandboxInfo, AgentError> {
@@ -317,12 +508,21 @@ impl Agent {
         all
     }
 
-    /// Stops the VM and removes every file the sandbox had on the host.
+    /// Stops the VM (if it runs) and removes every file the sandbox had on
+    /// the host, its snapshot included.
     pub async fn destroy(&self, id: &str) -> Result<(), AgentError> {
         let sandbox = self.lookup(id)?;
+        let _lifecycle = sandbox.lifecycle.lock().await;
         sandbox.update(|i| i.state = SandboxState::Destroying);
+        sandbox.bump_epoch();
         let started = Instant::now();
-        let exit = sandbox.vm.stop(VMM_STOP_GRACE).await;
+        let exit = match sandbox.live() {
+            Some(live) => {
+                sandbox.set_live(None);
+                live.vm.stop(VMM_STOP_GRACE).await.to_string()
+            }
+            None => "not running".to_string(),
+        };
         sandbox.dir.remove().map_err(AgentError::io(format!(
             "remove run directory {}",
             sandbox.dir.path().display()
@@ -332,7 +532,7 @@ impl Agent {
         Ok(())
     }
 
-    /// Destroys every sandbox (agent shutdown).
+    /// Destroys every sandbox and warm-pool VM (agent shutdown).
     pub async fn destroy_all(&self) {
         let ids: Vec<String> = self.read_map().keys().cloned().collect();
         for id in ids {
@@ -340,48 +540,41 @@ impl Agent {
                 warn!(%id, error = %e, "destroy at shutdown failed");
             }
         }
+        self.pools.drain().await;
+        // Whatever else still runs under vms/ (a template being built) goes
+        // the way crash recovery would take it.
+        crate::recovery::reap_leftovers(&self.config.vms_dir()).await;
     }
 
-    /// The guest-agent client of a running sandbox.
-    pub fn guest(&self, id: &str) -> Result<GuestAgentClient<Channel>, AgentError> {
-        let sandbox = self.running(id)?;
-        Ok(sandbox.guest.rpc())
-    }
-
-    /// Checks that the sandbox runs, fills the exec request's defaults from
-    /// the image and sandbox, and returns the client to run it with.
-    pub fn prepare_exec(
-        &self,
-        start: &mut ExecStart,
-    ) -> Result<GuestAgentClient<Channel>, AgentError> {
-        if start.argv.is_empty() || start.argv[0].is_empty() {
-            return Err(AgentError::InvalidArgument(
-                "exec needs a command (argv is empty)".into(),
-            ));
+    /// This host's state for listings.
+    pub fn host_info(&self) -> HostInfo {
+        let all = self.list();
+        let count = |s: SandboxState| all.iter().filter(|i| i.state == s).count() as u32;
+        HostInfo {
+            id: self.config.host_id.clone(),
+            accelerator: self.accel.clone(),
+            vmm: self.vmm.name(),
+            running: count(SandboxState::Running),
+            sleeping: count(SandboxState::Sleeping),
+            templates: self.template_infos(),
+            warm_pools: self.pools.infos(),
         }
-        let sandbox = self.running(&start.sandbox_id)?;
-        sandbox.apply_exec_defaults(start);
-        Ok(sandbox.guest.rpc())
     }
 
-    fn running(&self, id: &str) -> Result<Arc<Sandbox>, AgentError> {
-        let sandbox = self.lookup(id)?;
-        let info = sandbox.info();
-        if info.state != SandboxState::Running {
-            return Err(AgentError::NotRunning {
-                id: id.to_string(),
-                state: info.state.as_str(),
-                detail: info.failure.map(|f| format!(": {f}")).unwrap_or_default(),
-            });
-        }
-        Ok(sandbox)
-    }
-
-    fn lookup(&self, id: &str) -> Result<Arc<Sandbox>, AgentError> {
+    pub(crate) fn lookup(&self, id: &str) -> Result<Arc<Sandbox>, AgentError> {
         self.read_map()
             .get(id)
             .cloned()
             .ok_or_else(|| AgentError::SandboxNotFound(id.to_string()))
+    }
+
+    pub(crate) fn sandboxes(&self) -> Vec<Arc<Sandbox>> {
+        self.read_map().values().cloned().collect()
+    }
+
+    pub(crate) fn insert(&self, sandbox: Arc<Sandbox>) {
+        let id = sandbox.info().id;
+        self.write_map().insert(id, sandbox);
     }
 
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Sandbox>>> {
@@ -393,31 +586,8 @@ impl Agent {
     }
 }
 
-/// Marks a sandbox failed and reclaims its host resources when its VMM dies
-/// without being asked to.
-async fn watch_vmm(sandbox: Arc<Sandbox>) {
-    let exit = sandbox.vm.wait_exit().await;
-    if sandbox.info().state != SandboxState::Running {
-        return;
-    }
-    let console = sandbox.dir.console_tail(CONSOLE_TAIL_LINES);
-    let failure =
-        format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}");
-    sandbox.update(|i| {
-        if i.state == SandboxState::Running {
-            i.state = SandboxState::Failed;
-            i.failure = Some(failure);
-        }
-    });
-    let id = sandbox.info().id;
-    warn!(%id, vmm = %exit, "sandbox VMM died; sandbox marked failed");
-    if let Err(e) = sandbox.dir.remove() {
-        warn!(%id, error = %e, "cannot remove run directory of failed sandbox");
-    }
-}
-
 /// `sbx-` and 12 random lowercase letters and digits.
-fn new_sandbox_id() -> String {
+pub(crate) fn new_sandbox_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     let suffix: String = (0..12)

@@ -90,6 +90,41 @@ pub struct AgentConfig {
     /// How long a sandbox guest may take to answer after its VMM starts.
     pub boot_timeout: Duration,
     pub limits: SandboxLimits,
+    /// Build a template snapshot per (image, size) and create sandboxes by
+    /// restoring it.
+    pub templates: bool,
+    /// Warm pools of restored, paused VMs, per image (default sizes).
+    pub warm_pools: Vec<WarmPoolSpec>,
+    /// Check snapshot checksums before every wake (and templates once per
+    /// agent process).
+    pub verify_snapshots: bool,
+}
+
+/// A warm pool: `size` VMs of `image` kept restored and paused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPoolSpec {
+    pub image: String,
+    pub size: u32,
+}
+
+impl std::str::FromStr for WarmPoolSpec {
+    type Err = String;
+    /// `IMAGE=N`
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (image, size) = s
+            .rsplit_once('=')
+            .ok_or_else(|| format!("{s:?} is not IMAGE=SIZE (e.g. busybox=2)"))?;
+        let size: u32 = size
+            .parse()
+            .map_err(|_| format!("warm pool size {size:?} in {s:?} is not a number"))?;
+        if image.is_empty() || size > 64 {
+            return Err(format!("{s:?}: give an image and a size of 0..=64"));
+        }
+        Ok(WarmPoolSpec {
+            image: image.to_string(),
+            size,
+        })
+    }
 }
 
 impl AgentConfig {
@@ -110,6 +145,9 @@ impl AgentConfig {
             probe_timeout: Duration::from_secs(10),
             boot_timeout: Duration::from_secs(60),
             limits: SandboxLimits::default(),
+            templates: true,
+            warm_pools: Vec::new(),
+            verify_snapshots: true,
         }
     }
 
@@ -132,7 +170,38 @@ impl AgentConfig {
         self.data_dir.join("images")
     }
 
+    pub fn templates_dir(&self) -> PathBuf {
+        self.data_dir.join("templates")
+    }
+
     pub fn accel_cache_file(&self) -> PathBuf {
         self.data_dir.join("accel-probe.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_pool_specs() {
+        let p: WarmPoolSpec = "busybox=3".parse().unwrap();
+        assert_eq!(
+            p,
+            WarmPoolSpec {
+                image: "busybox".into(),
+                size: 3
+            }
+        );
+        let p: WarmPoolSpec = "reg:5000/img:tag=1".parse().unwrap();
+        assert_eq!(p.image, "reg:5000/img:tag");
+        assert!(
+            "busybox"
+                .parse::<WarmPoolSpec>()
+                .unwrap_err()
+                .contains("IMAGE=SIZE")
+        );
+        assert!("busybox=x".parse::<WarmPoolSpec>().is_err());
+        assert!("=2".parse::<WarmPoolSpec>().is_err());
     }
 }

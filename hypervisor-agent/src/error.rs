@@ -38,6 +38,11 @@ pub enum AgentError {
     Accel(#[from] AccelError),
     #[error("agent configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Snapshot(#[from] somna_snapshotter::SnapshotError),
+    /// What was asked for is not ready on this host (e.g. no warm-pool VM).
+    #[error("{0}")]
+    NotReady(String),
     /// An error status from the guest agent, passed on unchanged.
     #[error("{}", .0.message())]
     Guest(Status),
@@ -61,6 +66,8 @@ impl AgentError {
                 Code::Internal
             }
             AgentError::Accel(_) => Code::FailedPrecondition,
+            AgentError::Snapshot(_) => Code::DataLoss,
+            AgentError::NotReady(_) => Code::FailedPrecondition,
             AgentError::Guest(s) => return s.clone(),
         };
         Status::new(code, self.to_string())
@@ -80,6 +87,9 @@ fn image_code(e: &somna_images::ImageError) -> Code {
         K::NotFound => Code::NotFound,
         K::FailedPrecondition => Code::FailedPrecondition,
         K::DataLoss => Code::DataLoss,
+        K::Unavailable => Code::Unavailable,
+        K::Unauthenticated => Code::Unauthenticated,
+        K::ResourceExhausted => Code::ResourceExhausted,
         _ => Code::Internal,
     }
 }

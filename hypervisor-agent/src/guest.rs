@@ -80,12 +80,44 @@ pub enum GuestStream {
 
 async fn connect(endpoint: &AgentEndpoint) -> std::io::Result<GuestStream> {
     match endpoint {
-        AgentEndpoint::SerialSocket(path) => Ok(GuestStream::Unix(
-            tokio::net::UnixStream::connect(path).await?,
-        )),
+        AgentEndpoint::SerialSocket(path) => {
+            let mut stream = tokio::net::UnixStream::connect(path).await?;
+            sync_serial(&mut stream).await?;
+            Ok(GuestStream::Unix(stream))
+        }
         AgentEndpoint::Vsock { cid, port } => Ok(GuestStream::Vsock(
             tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?,
         )),
+    }
+}
+
+/// Lines the serial byte stream up before HTTP/2 starts (see
+/// `somna_proto::serial_sync`): write a fresh marker, then read and discard
+/// until the guest echoes it. Reads one byte at a time so that nothing after
+/// the echo is consumed here (the guest sends nothing more until the HTTP/2
+/// preface arrives, but exactness costs little: only stale bytes precede).
+async fn sync_serial(stream: &mut tokio::net::UnixStream) -> std::io::Result<()> {
+    use somna_proto::serial_sync;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let marker = serial_sync::marker(rand::random());
+    stream.write_all(&marker).await?;
+    let mut window: std::collections::VecDeque<u8> =
+        std::collections::VecDeque::with_capacity(marker.len());
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the guest channel closed before the guest agent answered the sync marker",
+            ));
+        }
+        if window.len() == marker.len() {
+            window.pop_front();
+        }
+        window.push_back(byte[0]);
+        if window.len() == marker.len() && window.iter().eq(marker.iter()) {
+            return Ok(());
+        }
     }
 }
 

@@ -5,23 +5,30 @@
 //! in [`vmm::qemu`]), the choice of accelerator ([`accel`]: KVM where a
 //! probe guest really boots, TCG otherwise), every VM's run directory
 //! ([`rundir`]), crash recovery at start-up ([`recovery`]), and the client of
-//! each guest's agent ([`guest`]). [`Agent`] ties them together: create,
-//! exec, files and destroy of [`SandboxInfo`]s.
+//! each guest's agent ([`guest`]), light sleep and wake, template snapshots
+//! and warm pools (with the on-disk formats of `somna-snapshotter`).
+//! [`Agent`] ties them together: create, exec, files, sleep, wake and
+//! destroy of [`SandboxInfo`]s.
 
 pub mod accel;
 pub mod agent;
 pub mod config;
 pub mod error;
+pub mod exec;
 pub mod guest;
+mod launch;
+mod lifecycle;
+mod pool;
 pub mod process;
 pub mod recovery;
 pub mod rundir;
 pub mod sandbox;
+mod templates;
 pub mod vmm;
 
 pub use accel::{AccelChoice, AccelMode};
-pub use agent::Agent;
-pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits};
+pub use agent::{Agent, HostInfo, PoolInfo, TemplateInfo};
+pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, WarmPoolSpec};
 pub use error::AgentError;
-pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState};
+pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState, StartMode};
 pub use vmm::{Accelerator, ChannelKind};

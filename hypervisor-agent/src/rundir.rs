@@ -61,6 +61,16 @@ impl VmDir {
         self.path.join("rw.ext4")
     }
 
+    /// Guest RAM, when the VM owns its memory file.
+    pub fn memory_file(&self) -> PathBuf {
+        self.path.join("mem")
+    }
+
+    /// The VMM state a sleep wrote.
+    pub fn state_file(&self) -> PathBuf {
+        self.path.join("state")
+    }
+
     pub fn pid_file(&self) -> PathBuf {
         self.path.join("vmm.pid")
     }

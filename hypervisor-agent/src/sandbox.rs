@@ -1,21 +1,24 @@
-//! One sandbox on this host: its VM, run directory, guest client and the
-//! image defaults merged into every exec.
+//! One sandbox on this host: its record, its run directory, the VM while it
+//! runs (none while it sleeps), and the image defaults merged into every
+//! exec.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use somna_images::ImageConfig;
 use somna_proto::v1::ExecStart;
 
 use crate::guest::GuestClient;
 use crate::rundir::VmDir;
-use crate::vmm::{Accelerator, Vm};
+use crate::vmm::{Accelerator, Vm, VmSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxState {
     Creating,
     Running,
+    Sleeping,
     Failed,
     Destroying,
 }
@@ -25,8 +28,31 @@ impl SandboxState {
         match self {
             SandboxState::Creating => "creating",
             SandboxState::Running => "running",
+            SandboxState::Sleeping => "sleeping",
             SandboxState::Failed => "failed",
             SandboxState::Destroying => "destroying",
+        }
+    }
+}
+
+/// How a sandbox's VM came to life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartMode {
+    /// Warm pool, else template, else cold boot.
+    #[default]
+    Auto,
+    ColdBoot,
+    Template,
+    WarmPool,
+}
+
+impl StartMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMode::Auto => "auto",
+            StartMode::ColdBoot => "cold-boot",
+            StartMode::Template => "template",
+            StartMode::WarmPool => "warm-pool",
         }
     }
 }
@@ -40,6 +66,9 @@ pub struct SandboxRequest {
     pub memory_mib: u32,
     pub disk_mib: u32,
     pub env: BTreeMap<String, String>,
+    /// Sleep after this long without exec or file activity.
+    pub idle_timeout: Option<Duration>,
+    pub start_mode: StartMode,
 }
 
 /// A snapshot of a sandbox's record.
@@ -59,33 +88,139 @@ pub struct SandboxInfo {
     pub failure: Option<String>,
     /// Milliseconds from the create request to the guest agent answering.
     pub boot_ms: u64,
-    /// The VMM process on the host.
+    /// How the VM started (never `Auto`).
+    pub start_mode: StartMode,
+    pub idle_timeout: Option<Duration>,
+    pub last_active_at: SystemTime,
+    pub sleep_count: u64,
+    pub wake_count: u64,
+    /// The VMM process on the host (0 while asleep).
     pub vmm_pid: u32,
     /// The run directory on the host.
     pub run_dir: std::path::PathBuf,
 }
 
+/// Where a sandbox's guest RAM lives while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MemoryMode {
+    /// Its own memory file in the run directory, mapped shared: sleep
+    /// writes device state only.
+    Own,
+    /// A private (copy-on-write) mapping of a template's memory file: sleep
+    /// must write RAM into the state stream; the next wake moves it into
+    /// the sandbox's own memory file.
+    TemplateCow,
+}
+
+/// A running VM and the client of its guest agent.
+pub(crate) struct LiveVm {
+    pub(crate) vm: Box<dyn Vm>,
+    pub(crate) guest: GuestClient,
+}
+
+/// Exec/file activity, for idle detection.
+#[derive(Default)]
+pub(crate) struct Activity {
+    last_ms: AtomicU64,
+    inflight: AtomicUsize,
+}
+
+impl Activity {
+    pub(crate) fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn last(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn idle_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Counts an exec stream as in flight until the guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InflightGuard(self.clone())
+    }
+}
+
+pub(crate) struct InflightGuard(Arc<Activity>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub(crate) struct Sandbox {
     pub(crate) info: Mutex<SandboxInfo>,
     pub(crate) dir: VmDir,
-    pub(crate) vm: Box<dyn Vm>,
-    pub(crate) guest: GuestClient,
     pub(crate) image_config: ImageConfig,
+    /// The VM's shape, to restore it with (its memory backing is set per
+    /// launch).
+    pub(crate) spec: VmSpec,
+    /// Identity of the root disk it runs on (see `TemplateInputs`).
+    pub(crate) root_disk_id: String,
+    pub(crate) live: Mutex<Option<Arc<LiveVm>>>,
+    pub(crate) memory: Mutex<MemoryMode>,
+    /// Serialises sleep, wake and destroy.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
+    /// Bumped when the VM stops (sleep, destroy): exec streams of the old
+    /// VM end with a clear error instead of a broken connection.
+    pub(crate) epoch: tokio::sync::watch::Sender<u64>,
+    pub(crate) activity: Arc<Activity>,
 }
 
 impl Sandbox {
     pub(crate) fn info(&self) -> SandboxInfo {
-        match self.info.lock() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        let mut info = lock(&self.info).clone();
+        info.last_active_at = self.activity.last();
+        info
+    }
+
+    pub(crate) fn state(&self) -> SandboxState {
+        lock(&self.info).state
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut SandboxInfo)) {
-        match self.info.lock() {
-            Ok(mut g) => f(&mut g),
-            Err(poisoned) => f(&mut poisoned.into_inner()),
-        }
+        f(&mut lock(&self.info));
+    }
+
+    pub(crate) fn live(&self) -> Option<Arc<LiveVm>> {
+        lock(&self.live).clone()
+    }
+
+    pub(crate) fn set_live(&self, live: Option<Arc<LiveVm>>) {
+        let pid = live.as_ref().map(|l| l.vm.pid()).unwrap_or(0);
+        *lock(&self.live) = live;
+        self.update(|i| i.vmm_pid = pid);
+    }
+
+    pub(crate) fn memory_mode(&self) -> MemoryMode {
+        lock(&self.memory).clone()
+    }
+
+    pub(crate) fn set_memory_mode(&self, mode: MemoryMode) {
+        *lock(&self.memory) = mode;
+    }
+
+    /// Ends the exec streams of the current VM.
+    pub(crate) fn bump_epoch(&self) {
+        self.epoch.send_modify(|e| *e += 1);
     }
 
     /// Fills an exec request's unset fields from the image config and the
@@ -110,4 +245,9 @@ impl Sandbox {
         }
         start.sandbox_id = info.id;
     }
+}
+
+/// Locks a std mutex, recovering from poisoning (the data are plain records).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

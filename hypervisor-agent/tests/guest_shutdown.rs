@@ -26,7 +26,7 @@ async fn guest_shutdown_powers_the_vm_off() {
         })
         .await
         .unwrap();
-    let mut guest = agent.guest(&info.id).unwrap();
+    let mut guest = agent.files(&info.id).await.unwrap();
     guest.shutdown(ShutdownRequest {}).await.unwrap();
 
     let run_dir = info.run_dir.clone();

@@ -90,6 +90,10 @@ impl<R: Read> DigestReader<R> {
         io::copy(self, &mut io::sink()).map(|_| ())
     }
 
+    pub(crate) fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     /// The digest and byte count of what was read.
     pub(crate) fn finish(self) -> (Digest, u64) {
         (

@@ -16,6 +16,15 @@ pub enum ErrorKind {
     /// Stored content is corrupt or inconsistent (digest or size mismatch,
     /// malformed JSON or tar).
     DataLoss,
+    /// A registry could not be reached or failed (connection refused, DNS,
+    /// TLS, timeouts, 5xx): worth retrying later.
+    Unavailable,
+    /// The registry refused the credentials (or demanded some and none
+    /// were configured).
+    Unauthenticated,
+    /// A size limit was hit (image or layer over the configured limit, a
+    /// decompression bomb).
+    ResourceExhausted,
     /// Anything else (I/O errors).
     Internal,
 }
@@ -32,9 +41,9 @@ pub enum ImageError {
     InvalidArgument(String),
 
     #[error(
-        "image {reference} not found: no OCI image layout {name}/ (with oci-layout and index.json) in {}; \
-         pulling from registries is not supported yet, so build a local layout first \
-         (somna-mkimage, or the recipes in images/recipes/)",
+        "image {reference} not found: no OCI image layout {name}/ (with oci-layout and index.json) in {}, \
+         and registry pulls are disabled in this image store; build a local layout \
+         (somna-mkimage, or the recipes in images/recipes/) or enable registries",
         format_dirs(searched)
     )]
     ImageNotFound {
@@ -151,6 +160,90 @@ pub enum ImageError {
     )]
     CacheBusy { path: PathBuf },
 
+    #[error("image {reference}: registry {registry} is unreachable: {reason}")]
+    RegistryUnreachable {
+        reference: String,
+        registry: String,
+        reason: String,
+    },
+
+    #[error(
+        "image {reference}: registry {registry} refused access: {reason} \
+         (check the credentials configured for {registry}, or in the docker config file)"
+    )]
+    AuthFailed {
+        reference: String,
+        registry: String,
+        reason: String,
+    },
+
+    #[error(
+        "image {reference}: registry {registry} has no such image (manifest unknown): {reason}"
+    )]
+    ManifestUnknown {
+        reference: String,
+        registry: String,
+        reason: String,
+    },
+
+    #[error("image {reference}: registry {registry} failed: {reason}")]
+    RegistryFailed {
+        reference: String,
+        registry: String,
+        reason: String,
+    },
+
+    #[error("image {reference}: {what} {digest} failed verification: {reason}; nothing was cached")]
+    BlobVerification {
+        reference: String,
+        what: String,
+        digest: String,
+        reason: String,
+    },
+
+    #[error(
+        "image {reference}: {what} is over the limit of {limit} bytes ({detail}); nothing was cached"
+    )]
+    TooLarge {
+        reference: String,
+        what: String,
+        limit: u64,
+        detail: String,
+    },
+
+    #[error(
+        "layer {layer}: the unpacked image grew past the limit of {limit} bytes; unpacking stopped \
+         (a decompression bomb, or an image larger than this store allows)"
+    )]
+    UnpackedTooLarge { layer: String, limit: u64 },
+
+    #[error("image {reference}: {path}: not a usable image archive: {reason}", path = path.display())]
+    InvalidArchive {
+        reference: String,
+        path: PathBuf,
+        reason: String,
+    },
+
+    #[error("image {reference}: {path}: {reason}", path = path.display())]
+    SourceNotFound {
+        reference: String,
+        path: PathBuf,
+        reason: String,
+    },
+
+    #[error("image {reference} is in use by {leases} sandbox(es); remove it once they are gone")]
+    ImageInUse { reference: String, leases: usize },
+
+    #[error("image {reference} is not in the image cache")]
+    NotCached { reference: String },
+
+    #[error("image {reference}: cannot build its root disk: {source}")]
+    Conversion {
+        reference: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+
     #[error("{what} {path}: {source}", path = path.display())]
     Io {
         what: String,
@@ -192,6 +285,24 @@ impl ImageError {
             | InvalidLayerEntry { .. }
             | InvalidLayer { .. } => ErrorKind::DataLoss,
             ToolFailed { .. } | Io { .. } => ErrorKind::Internal,
+            RegistryUnreachable { .. } | RegistryFailed { .. } => ErrorKind::Unavailable,
+            AuthFailed { .. } => ErrorKind::Unauthenticated,
+            ManifestUnknown { .. } | NotCached { .. } | SourceNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            BlobVerification { .. } | InvalidArchive { .. } => ErrorKind::DataLoss,
+            TooLarge { .. } | UnpackedTooLarge { .. } => ErrorKind::ResourceExhausted,
+            ImageInUse { .. } => ErrorKind::FailedPrecondition,
+            Conversion { source, .. } => source.kind(),
+        }
+    }
+
+    /// The innermost error: for [`ImageError::Conversion`], what made the
+    /// conversion fail; otherwise the error itself.
+    pub fn cause(&self) -> &ImageError {
+        match self {
+            ImageError::Conversion { source, .. } => source.cause(),
+            other => other,
         }
     }
 

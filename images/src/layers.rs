@@ -71,6 +71,15 @@ pub struct Unpacker {
     root: PathBuf,
     /// Directory mtimes, applied by [`Unpacker::finish`].
     dir_times: HashMap<PathBuf, TimeSpec>,
+    /// The most bytes the layers' tar streams may add up to once
+    /// decompressed, and the most file content unpacking may write (sparse
+    /// tar entries expand to more than their stream), each across all
+    /// layers. `u64::MAX`: no limit.
+    limit: u64,
+    /// Decompressed tar bytes read so far (see [`apply_layer_blob`]).
+    stream_bytes: u64,
+    /// File content bytes written so far.
+    written: u64,
 }
 
 /// Ownership, mode, times and xattrs of one entry.
@@ -96,7 +105,20 @@ impl Unpacker {
         Ok(Unpacker {
             root: root.to_path_buf(),
             dir_times: HashMap::new(),
+            limit: u64::MAX,
+            stream_bytes: 0,
+            written: 0,
         })
+    }
+
+    /// Stops unpacking with [`ImageError::UnpackedTooLarge`] once the
+    /// layers' decompressed tar streams, or the file content written,
+    /// exceed `max_bytes` (each counted across all layers applied). This is
+    /// what stops a decompression bomb: the check runs as bytes are read
+    /// and written, never after the fact.
+    pub fn with_limit(mut self, max_bytes: u64) -> Self {
+        self.limit = max_bytes;
+        self
     }
 
     /// Applies one layer given as an uncompressed tar stream. `layer` names
@@ -122,6 +144,16 @@ impl Unpacker {
                         layer: layer.to_string(),
                         entry: name.clone(),
                         reason,
+                    },
+                    EntryError::Stream(e) => ImageError::InvalidLayer {
+                        layer: layer.to_string(),
+                        reason: format!(
+                            "cannot read entry {name:?} (corrupt or truncated layer): {e}"
+                        ),
+                    },
+                    EntryError::TooLarge => ImageError::UnpackedTooLarge {
+                        layer: layer.to_string(),
+                        limit: self.limit,
                     },
                     EntryError::Image(e) => e,
                 })?;
@@ -221,7 +253,14 @@ impl Unpacker {
                     .custom_flags(libc_o_nofollow())
                     .open(&dest)
                     .map_err(|e| io_err("cannot create", &dest, e))?;
-                let n = io::copy(entry, &mut file).map_err(|e| io_err("cannot write", &dest, e))?;
+                // One byte more than the budget allows tells "over" from
+                // "exactly at".
+                let budget = self.limit.saturating_sub(self.written);
+                let n = copy_entry(&mut entry.take(budget.saturating_add(1)), &mut file, &dest)?;
+                if n > budget {
+                    return Err(EntryError::TooLarge);
+                }
+                self.written += n;
                 stats.bytes += n;
                 drop(file);
                 apply_meta(&dest, &meta, false)?;
@@ -467,11 +506,25 @@ fn apply_decompressed<R: Read>(
         decoded: D,
         decode_err: impl Fn(io::Error) -> ImageError,
     ) -> Result<(LayerStats, crate::digest::Digest), ImageError> {
-        let mut tar = DigestReader::new(decoded);
-        let stats = unpacker.apply(name, &mut tar)?;
+        let budget = unpacker.limit.saturating_sub(unpacker.stream_bytes);
+        let mut tar = DigestReader::new(LimitReader::new(decoded, budget));
+        let result = unpacker.apply(name, &mut tar);
         // The diff_id covers the whole uncompressed stream, including the
         // padding after the end-of-archive marker.
-        tar.drain().map_err(decode_err)?;
+        let drained = match result {
+            Ok(_) => tar.drain().map_err(&decode_err),
+            Err(_) => Ok(()),
+        };
+        let consumed = tar.get_ref().consumed;
+        unpacker.stream_bytes += consumed;
+        if tar.get_ref().exceeded {
+            return Err(ImageError::UnpackedTooLarge {
+                layer: name.to_string(),
+                limit: unpacker.limit,
+            });
+        }
+        let stats = result?;
+        drained?;
         Ok((stats, tar.finish().0))
     }
     match compression {
@@ -495,15 +548,81 @@ fn apply_decompressed<R: Read>(
     }
 }
 
+/// Copies an entry's content into its file, telling a broken layer stream
+/// (truncated or corrupt compressed data: the layer's fault) from a
+/// failed write (the host's).
+fn copy_entry(src: &mut impl Read, dst: &mut fs::File, dest: &Path) -> Result<u64, EntryError> {
+    use std::io::Write as _;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(EntryError::Stream(e)),
+        };
+        dst.write_all(&buf[..n])
+            .map_err(|e| io_err("cannot write", dest, e))?;
+        total += n as u64;
+    }
+}
+
 /// Errors inside one entry: `Invalid` gets the layer and entry names added.
 enum EntryError {
     Invalid(String),
+    /// Reading the layer stream failed (corrupt or truncated data).
+    Stream(io::Error),
+    /// The unpack limit was reached.
+    TooLarge,
     Image(ImageError),
 }
 
 impl From<ImageError> for EntryError {
     fn from(e: ImageError) -> Self {
         EntryError::Image(e)
+    }
+}
+
+/// Reads at most `budget` bytes of a decompressed stream; past that it
+/// fails (and remembers it did), so a decompression bomb is stopped after
+/// `budget` bytes rather than after it has filled the disk.
+struct LimitReader<R> {
+    inner: R,
+    budget: u64,
+    consumed: u64,
+    exceeded: bool,
+}
+
+impl<R> LimitReader<R> {
+    fn new(inner: R, budget: u64) -> Self {
+        LimitReader {
+            inner,
+            budget,
+            consumed: 0,
+            exceeded: false,
+        }
+    }
+}
+
+impl<R: Read> Read for LimitReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.consumed >= self.budget {
+            // Probe for one more byte: a stream that ends exactly at the
+            // budget is fine.
+            let mut probe = [0u8; 1];
+            let n = self.inner.read(&mut probe)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.exceeded = true;
+            return Err(io::Error::other("unpacked size limit reached"));
+        }
+        let room = usize::try_from(self.budget - self.consumed).unwrap_or(usize::MAX);
+        let want = buf.len().min(room);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.consumed += n as u64;
+        Ok(n)
     }
 }
 

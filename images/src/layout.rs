@@ -30,10 +30,10 @@ pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+
 pub const MEDIA_TYPE_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 const MAX_INDEX_BYTES: u64 = 4 << 20;
-const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-const MAX_CONFIG_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// How deep image indexes may nest.
-const MAX_INDEX_DEPTH: usize = 4;
+pub(crate) const MAX_INDEX_DEPTH: usize = 4;
 
 /// How a layer blob is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,10 +144,6 @@ impl Layout {
         &self.dir
     }
 
-    pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
-        blob_path(&self.dir, digest)
-    }
-
     pub(crate) fn read_index_json(&self) -> Result<ImageIndex, ImageError> {
         read_index_json(&self.dir)
     }
@@ -253,21 +249,7 @@ impl Layout {
     }
 
     fn load_index(&self, digest: &Digest, size: u64) -> Result<ImageIndex, ImageError> {
-        let path = self.blob_path(digest);
-        let data = read_verified(
-            &path,
-            &Expected {
-                what: "image index",
-                digest,
-                size,
-            },
-            MAX_MANIFEST_BYTES,
-        )?;
-        ImageIndex::from_reader(&data[..]).map_err(|e| ImageError::MalformedBlob {
-            what: "image index".into(),
-            digest: digest.to_string(),
-            reason: e.to_string(),
-        })
+        load_index(&self.dir, digest, size)
     }
 
     fn load_manifest(
@@ -276,110 +258,139 @@ impl Layout {
         digest: &Digest,
         size: u64,
     ) -> Result<Resolved, ImageError> {
-        let path = self.blob_path(digest);
-        let data = read_verified(
-            &path,
-            &Expected {
-                what: "image manifest",
-                digest,
-                size,
-            },
-            MAX_MANIFEST_BYTES,
-        )?;
-        let malformed = |reason: String| ImageError::MalformedBlob {
-            what: "image manifest".into(),
-            digest: digest.to_string(),
-            reason,
-        };
-        let manifest =
-            ImageManifest::from_reader(&data[..]).map_err(|e| malformed(e.to_string()))?;
+        load_manifest(&self.dir, reference, digest, size)
+    }
+}
 
-        let config_desc = manifest.config();
-        let config_media_type = config_desc.media_type().to_string();
-        if config_media_type != MEDIA_TYPE_OCI_CONFIG
-            && config_media_type != MEDIA_TYPE_DOCKER_CONFIG
-        {
+/// Reads and verifies the image index blob `digest` under `dir`'s
+/// `blobs/`.
+pub(crate) fn load_index(dir: &Path, digest: &Digest, size: u64) -> Result<ImageIndex, ImageError> {
+    let path = blob_path(dir, digest);
+    let data = read_verified(
+        &path,
+        &Expected {
+            what: "image index",
+            digest,
+            size,
+        },
+        MAX_MANIFEST_BYTES,
+    )?;
+    ImageIndex::from_reader(&data[..]).map_err(|e| ImageError::MalformedBlob {
+        what: "image index".into(),
+        digest: digest.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads and verifies the manifest blob `digest` and its config under
+/// `dir`'s `blobs/` (a layout, or the cache's blob store), checking that
+/// it is a linux/amd64 container image whose layers Somna can apply.
+pub(crate) fn load_manifest(
+    dir: &Path,
+    reference: &ImageReference,
+    digest: &Digest,
+    size: u64,
+) -> Result<Resolved, ImageError> {
+    let path = blob_path(dir, digest);
+    let data = read_verified(
+        &path,
+        &Expected {
+            what: "image manifest",
+            digest,
+            size,
+        },
+        MAX_MANIFEST_BYTES,
+    )?;
+    let malformed = |reason: String| ImageError::MalformedBlob {
+        what: "image manifest".into(),
+        digest: digest.to_string(),
+        reason,
+    };
+    let manifest = ImageManifest::from_reader(&data[..]).map_err(|e| malformed(e.to_string()))?;
+
+    let config_desc = manifest.config();
+    let config_media_type = config_desc.media_type().to_string();
+    if config_media_type != MEDIA_TYPE_OCI_CONFIG && config_media_type != MEDIA_TYPE_DOCKER_CONFIG {
+        return Err(ImageError::UnsupportedMediaType {
+            what: format!(
+                "image {reference}: the config of manifest {digest} (not a container image)"
+            ),
+            media_type: config_media_type,
+        });
+    }
+    let config_digest = descriptor_digest(config_desc, "image config")?;
+    let config_path = blob_path(dir, &config_digest);
+    let config_data = read_verified(
+        &config_path,
+        &Expected {
+            what: "image config",
+            digest: &config_digest,
+            size: config_desc.size(),
+        },
+        MAX_CONFIG_BYTES,
+    )?;
+    let config = ImageConfiguration::from_reader(&config_data[..]).map_err(|e| {
+        ImageError::MalformedBlob {
+            what: "image config".into(),
+            digest: config_digest.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    if !is_linux_amd64(&config) {
+        return Err(ImageError::UnsupportedPlatform {
+            reference: reference.to_string(),
+            platform: platform_of(&config),
+        });
+    }
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(ImageError::MalformedBlob {
+            what: "image config".into(),
+            digest: config_digest.to_string(),
+            reason: format!(
+                "it lists {} diff_ids but manifest {digest} has {} layers",
+                diff_ids.len(),
+                manifest.layers().len()
+            ),
+        });
+    }
+    let mut layers = Vec::with_capacity(diff_ids.len());
+    for (l, diff_id) in manifest.layers().iter().zip(diff_ids) {
+        let media_type = l.media_type().to_string();
+        let layer_digest = descriptor_digest(l, "layer")?;
+        let Some(compression) = LayerCompression::from_media_type(&media_type) else {
+            return Err(ImageError::UnsupportedMediaType {
+                what: format!("image {reference}: layer {layer_digest}"),
+                media_type,
+            });
+        };
+        if compression == LayerCompression::Zstd && !cfg!(feature = "zstd") {
             return Err(ImageError::UnsupportedMediaType {
                 what: format!(
-                    "image {reference}: the config of manifest {digest} (not a container image)"
+                    "image {reference}: layer {layer_digest} (somna-images was built without the zstd feature)"
                 ),
-                media_type: config_media_type,
-            });
-        }
-        let config_digest = descriptor_digest(config_desc, "image config")?;
-        let config_path = self.blob_path(&config_digest);
-        let config_data = read_verified(
-            &config_path,
-            &Expected {
-                what: "image config",
-                digest: &config_digest,
-                size: config_desc.size(),
-            },
-            MAX_CONFIG_BYTES,
-        )?;
-        let config = ImageConfiguration::from_reader(&config_data[..]).map_err(|e| {
-            ImageError::MalformedBlob {
-                what: "image config".into(),
-                digest: config_digest.to_string(),
-                reason: e.to_string(),
-            }
-        })?;
-        if !is_linux_amd64(&config) {
-            return Err(ImageError::UnsupportedPlatform {
-                reference: reference.to_string(),
-                platform: platform_of(&config),
-            });
-        }
-        let diff_ids = config.rootfs().diff_ids();
-        if diff_ids.len() != manifest.layers().len() {
-            return Err(ImageError::MalformedBlob {
-                what: "image config".into(),
-                digest: config_digest.to_string(),
-                reason: format!(
-                    "it lists {} diff_ids but manifest {digest} has {} layers",
-                    diff_ids.len(),
-                    manifest.layers().len()
-                ),
-            });
-        }
-        let mut layers = Vec::with_capacity(diff_ids.len());
-        for (l, diff_id) in manifest.layers().iter().zip(diff_ids) {
-            let media_type = l.media_type().to_string();
-            let layer_digest = descriptor_digest(l, "layer")?;
-            let Some(compression) = LayerCompression::from_media_type(&media_type) else {
-                return Err(ImageError::UnsupportedMediaType {
-                    what: format!("image {reference}: layer {layer_digest}"),
-                    media_type,
-                });
-            };
-            if compression == LayerCompression::Zstd && !cfg!(feature = "zstd") {
-                return Err(ImageError::UnsupportedMediaType {
-                    what: format!(
-                        "image {reference}: layer {layer_digest} (somna-images was built without the zstd feature)"
-                    ),
-                    media_type,
-                });
-            }
-            let diff_id = Digest::parse(diff_id).map_err(|e| ImageError::MalformedBlob {
-                what: "image config".into(),
-                digest: config_digest.to_string(),
-                reason: format!("bad diff_id: {e}"),
-            })?;
-            layers.push(LayerDescriptor {
                 media_type,
-                compression,
-                digest: layer_digest,
-                size: l.size(),
-                diff_id,
             });
         }
-        Ok(Resolved {
-            manifest_digest: digest.clone(),
-            config_digest,
-            config: ImageConfig::from_oci(&config),
-            layers,
-        })
+        let diff_id = Digest::parse(diff_id).map_err(|e| ImageError::MalformedBlob {
+            what: "image config".into(),
+            digest: config_digest.to_string(),
+            reason: format!("bad diff_id: {e}"),
+        })?;
+        layers.push(LayerDescriptor {
+            media_type,
+            compression,
+            digest: layer_digest,
+            size: l.size(),
+            diff_id,
+        });
     }
+    Ok(Resolved {
+        manifest_digest: digest.clone(),
+        config_digest,
+        config: ImageConfig::from_oci(&config),
+        layers,
+    })
 }
 
 pub(crate) fn blob_path(layout_dir: &Path, digest: &Digest) -> PathBuf {
@@ -445,7 +456,7 @@ pub(crate) fn descriptor_digest(d: &Descriptor, what: &str) -> Result<Digest, Im
 
 /// Chooses the linux/amd64 entry among `descs`. Entries without a platform
 /// are taken only when no entry has one (then the last, the newest).
-fn pick_platform<'a>(
+pub(crate) fn pick_platform<'a>(
     reference: &ImageReference,
     index: &str,
     descs: &[&'a Descriptor],

@@ -343,7 +343,11 @@ async fn corrupt_layer_is_reported_and_nothing_is_cached() {
     fs::write(&blob, &data).unwrap();
 
     let e = store.root_disk(&image).await.unwrap_err();
-    assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
+    assert!(
+        matches!(e.cause(), ImageError::DigestMismatch { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("app:latest"), "{e}");
     assert_eq!(e.kind(), ErrorKind::DataLoss);
     let msg = e.to_string();
     assert!(
@@ -362,7 +366,7 @@ async fn corrupt_layer_is_reported_and_nothing_is_cached() {
     // Missing.
     fs::remove_file(&blob).unwrap();
     let e = store.root_disk(&image).await.unwrap_err();
-    assert!(matches!(e, ImageError::BlobMissing { .. }), "{e}");
+    assert!(matches!(e.cause(), ImageError::BlobMissing { .. }), "{e}");
 }
 
 #[tokio::test]

@@ -245,7 +245,7 @@ async fn missing_tag_and_unknown_image_errors() {
     let msg = e.to_string();
     assert!(msg.contains("nosuch:latest"), "{msg}");
     assert!(msg.contains(&w.images().display().to_string()), "{msg}");
-    assert!(msg.contains("registries is not supported yet"), "{msg}");
+    assert!(msg.contains("registry pulls are disabled"), "{msg}");
 
     // Bad references never touch the file system.
     for bad in ["", "../app", "App", "/abs", "app:", "a/../../b"] {

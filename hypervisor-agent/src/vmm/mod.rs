@@ -69,12 +69,34 @@ impl ChannelKind {
     }
 }
 
+/// Where guest RAM lives. It is always a file, so that a snapshot can leave
+/// memory where it is (light sleep writes only device state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryBacking {
+    pub path: PathBuf,
+    /// Shared mapping: guest writes go to the file (the VM owns it).
+    /// Private mapping: the file is an immutable template; writes stay in
+    /// the VMM's copy-on-write pages.
+    pub shared: bool,
+}
+
+/// Restore instead of boot: the VMM starts paused and loads this state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// The state file a previous `Vm::save_state` wrote.
+    pub state: PathBuf,
+    /// The state holds device state only; RAM comes from the memory file
+    /// (QEMU's `x-ignore-shared`). False when RAM is inside the stream.
+    pub memory_in_file: bool,
+}
+
 /// Everything a driver needs to start a VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub id: String,
     pub cpus: u32,
     pub memory_mib: u32,
+    pub memory: MemoryBacking,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     /// The complete kernel command line.
@@ -145,8 +167,15 @@ pub trait Vmm: Send + Sync + 'static {
     fn guest_kernel_args(&self) -> &'static str;
 
     /// Start a VM for `spec`, with its sockets, logs and pid file in `dir`.
-    /// Returns once the VMM process runs; the guest may still be booting.
-    async fn launch(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn Vm>, VmmError>;
+    /// Without `incoming` it boots and returns once the VMM process runs
+    /// (the guest may still be booting). With `incoming` it restores that
+    /// state and returns with the VM paused, ready for [`Vm::resume`].
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        dir: &VmDir,
+        incoming: Option<&Incoming>,
+    ) -> Result<Box<dyn Vm>, VmmError>;
 }
 
 /// A running VM process.
@@ -166,6 +195,21 @@ pub trait Vm: Send + Sync {
 
     /// Stop the VM now (SIGKILL to the VMM) and wait until the process is gone.
     async fn kill(&self) -> VmExit;
+
+    /// Pause the vCPUs.
+    async fn pause(&self) -> Result<(), VmmError>;
+
+    /// Run the vCPUs again.
+    async fn resume(&self) -> Result<(), VmmError>;
+
+    /// Write the paused VM's state to `path`. With `memory_in_file` only
+    /// device state is written (RAM stays in the shared memory file);
+    /// otherwise RAM goes into the stream too.
+    async fn save_state(
+        &self,
+        path: &std::path::Path,
+        memory_in_file: bool,
+    ) -> Result<(), VmmError>;
 
     /// Ask the VMM to exit through its control API (QMP `quit`, CH
     /// `vmm.shutdown`); kill it if it has not exited within `grace`.

@@ -9,8 +9,12 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::qmp::Qmp;
-use super::{Accelerator, AgentEndpoint, ChannelKind, Vm, VmExit, VmSpec, Vmm, VmmError};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::qmp::{Qmp, QmpError};
+use super::{Accelerator, AgentEndpoint, ChannelKind, Incoming, Vm, VmExit, VmSpec, Vmm, VmmError};
 use crate::rundir::VmDir;
 
 /// Drives `qemu-system-x86_64`.
@@ -71,7 +75,7 @@ impl QemuVmm {
     }
 
     /// The complete QEMU command line for `spec` (without the binary).
-    pub fn args(&self, spec: &VmSpec, dir: &VmDir) -> Vec<OsString> {
+    pub fn args(&self, spec: &VmSpec, dir: &VmDir, incoming: bool) -> Vec<OsString> {
         let (accel, cpu) = match spec.accelerator {
             Accelerator::Kvm => ("kvm", "host"),
             Accelerator::Tcg => ("tcg,thread=multi", "max"),
@@ -80,7 +84,7 @@ impl QemuVmm {
             "-name",
             &format!("somna-{}", spec.id),
             "-machine",
-            "microvm",
+            "microvm,memory-backend=mem",
             "-accel",
             accel,
             "-cpu",
@@ -103,14 +107,34 @@ impl QemuVmm {
         .map(OsString::from)
         .collect();
         let path = |p: &Path| p.display().to_string();
+        // Guest RAM is a file: light sleep then saves device state only.
+        a.push("-object".into());
+        a.push(
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                spec.memory_mib,
+                escape_opt(&path(&spec.memory.path)),
+                if spec.memory.shared { "on" } else { "off" }
+            )
+            .into(),
+        );
         a.push("-kernel".into());
         a.push(spec.kernel.clone().into_os_string());
         a.push("-initrd".into());
         a.push(spec.initramfs.clone().into_os_string());
         a.push("-append".into());
         a.push(spec.cmdline.clone().into());
+        // Appending: a restored VM continues the console log of its boot.
+        a.push("-chardev".into());
+        a.push(
+            format!(
+                "file,id=console,path={},append=on",
+                escape_opt(&path(&dir.console_log()))
+            )
+            .into(),
+        );
         a.push("-serial".into());
-        a.push(format!("file:{}", path(&dir.console_log())).into());
+        a.push("chardev:console".into());
         for (i, disk) in spec.disks.iter().enumerate() {
             a.push("-drive".into());
             a.push(
@@ -162,6 +186,10 @@ impl QemuVmm {
             )
             .into(),
         );
+        if incoming {
+            a.push("-incoming".into());
+            a.push("defer".into());
+        }
         a
     }
 }
@@ -186,7 +214,12 @@ impl Vmm for QemuVmm {
         "pci=off"
     }
 
-    async fn launch(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn Vm>, VmmError> {
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        dir: &VmDir,
+        incoming: Option<&Incoming>,
+    ) -> Result<Box<dyn Vm>, VmmError> {
         let io = |what: &str| {
             let what = what.to_string();
             move |source| VmmError::Io { what, source }
@@ -194,7 +227,7 @@ impl Vmm for QemuVmm {
         let log = std::fs::File::create(dir.vmm_log()).map_err(io("create VMM log"))?;
         let log2 = log.try_clone().map_err(io("clone VMM log fd"))?;
         let mut child = tokio::process::Command::new(&self.binary)
-            .args(self.args(spec, dir))
+            .args(self.args(spec, dir, incoming.is_some()))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -234,12 +267,28 @@ impl Vmm for QemuVmm {
             },
         };
         tracing::debug!(id = %spec.id, pid, accel = %spec.accelerator, "qemu started");
-        Ok(Box::new(QemuVm {
+        let vm = QemuVm {
             pid,
             endpoint,
             exit: rx,
             qmp_socket: dir.qmp_socket(),
-        }))
+            qmp: tokio::sync::Mutex::new(None),
+        };
+        if let Some(incoming) = incoming {
+            let failed = |what: String| VmmError::Failed {
+                id: spec.id.clone(),
+                what,
+            };
+            if let Err(e) = vm.restore(incoming).await {
+                vm.kill().await;
+                let log = dir.vmm_log_tail(5);
+                return Err(failed(format!(
+                    "restore from {}: {e}; VMM said: {log}",
+                    incoming.state.display()
+                )));
+            }
+        }
+        Ok(Box::new(vm))
     }
 }
 
@@ -249,6 +298,75 @@ pub struct QemuVm {
     endpoint: AgentEndpoint,
     exit: watch::Receiver<Option<VmExit>>,
     qmp_socket: PathBuf,
+    /// One QMP connection, opened on first use (QEMU serves one client).
+    qmp: tokio::sync::Mutex<Option<Qmp>>,
+}
+
+/// Migration bandwidth that never throttles (bytes/s).
+const UNTHROTTLED: u64 = 1 << 40;
+
+/// Bound on a save or restore of VM state.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl QemuVm {
+    /// Runs `f` on the QMP connection, connecting first if needed (the
+    /// socket appears shortly after QEMU starts) and dropping the connection
+    /// after an error so the next call reconnects.
+    async fn with_qmp<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Qmp) -> Result<T, QmpError>,
+    ) -> Result<T, VmmError> {
+        let mut guard = self.qmp.lock().await;
+        if guard.is_none() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let qmp = loop {
+                match Qmp::connect(&self.qmp_socket).await {
+                    Ok(q) => break q,
+                    Err(e) => {
+                        if self.try_exit().is_some() || tokio::time::Instant::now() > deadline {
+                            return Err(e.into());
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            };
+            *guard = Some(qmp);
+        }
+        let Some(qmp) = guard.as_mut() else {
+            return Err(VmmError::Qmp(QmpError::Closed));
+        };
+        let result = f(qmp).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result.map_err(VmmError::from)
+    }
+
+    async fn restore(&self, incoming: &Incoming) -> Result<(), VmmError> {
+        let file = std::fs::File::open(&incoming.state).map_err(|source| VmmError::Io {
+            what: format!("open state file {}", incoming.state.display()),
+            source,
+        })?;
+        self.with_qmp(async |q| {
+            set_ignore_shared(q, incoming.memory_in_file).await?;
+            q.send_fd("incoming", std::os::fd::AsFd::as_fd(&file))
+                .await?;
+            q.execute("migrate-incoming", Some(json!({ "uri": "fd:incoming" })))
+                .await?;
+            q.wait_migration(MIGRATION_TIMEOUT).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+async fn set_ignore_shared(q: &mut Qmp, on: bool) -> Result<(), QmpError> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+    )
+    .await
+    .map(|_| ())
 }
 
 #[async_trait]
@@ -292,14 +410,53 @@ impl Vm for QemuVm {
         self.wait_exit().await
     }
 
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.with_qmp(async |q| q.execute("stop", None).await.map(|_| ()))
+            .await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.with_qmp(async |q| q.execute("cont", None).await.map(|_| ()))
+            .await
+    }
+
+    async fn save_state(&self, path: &Path, memory_in_file: bool) -> Result<(), VmmError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| VmmError::Io {
+                what: format!("create state file {}", path.display()),
+                source,
+            })?;
+        self.with_qmp(async |q| {
+            set_ignore_shared(q, memory_in_file).await?;
+            // QEMU throttles migration for live moves between hosts; a
+            // paused VM going to a local file should go as fast as it can.
+            q.execute(
+                "migrate-set-parameters",
+                Some(json!({ "max-bandwidth": UNTHROTTLED, "downtime-limit": 60_000 })),
+            )
+            .await?;
+            q.send_fd("state", std::os::fd::AsFd::as_fd(&file)).await?;
+            q.execute("migrate", Some(json!({ "uri": "fd:state" })))
+                .await?;
+            q.wait_migration(MIGRATION_TIMEOUT).await?;
+            Ok(())
+        })
+        .await?;
+        file.sync_all().map_err(|source| VmmError::Io {
+            what: format!("sync state file {}", path.display()),
+            source,
+        })
+    }
+
     async fn stop(&self, grace: std::time::Duration) -> VmExit {
         if let Some(exit) = self.try_exit() {
             return exit;
         }
-        let quit = async {
-            let mut qmp = Qmp::connect(&self.qmp_socket).await?;
-            qmp.execute("quit", None).await
-        };
+        let quit = self.with_qmp(async |q| q.execute("quit", None).await.map(|_| ()));
         // QEMU may close the socket before answering `quit`: what counts is
         // that the process ends.
         let asked = tokio::time::timeout(grace, quit).await;
@@ -323,6 +480,10 @@ mod tests {
             id: "sbx-test".into(),
             cpus: 2,
             memory_mib: 256,
+            memory: crate::vmm::MemoryBacking {
+                path: "/r/mem".into(),
+                shared: channel == ChannelKind::Serial,
+            },
             kernel: "/k/vmlinux".into(),
             initramfs: "/k/initramfs.img".into(),
             cmdline: "console=ttyS0 somna.id=sbx-test".into(),
@@ -354,8 +515,16 @@ mod tests {
     fn serial_channel_command_line() {
         let dir = VmDir::open("/run/somna/vms/sbx-test".into());
         let vmm = QemuVmm::new("qemu-system-x86_64".into(), ChannelKind::Serial);
-        let args = joined(&vmm.args(&spec(ChannelKind::Serial, Accelerator::Tcg), &dir));
-        assert!(args.contains("-machine microvm"), "{args}");
+        let args = joined(&vmm.args(&spec(ChannelKind::Serial, Accelerator::Tcg), &dir, false));
+        assert!(
+            args.contains("-machine microvm,memory-backend=mem"),
+            "{args}"
+        );
+        assert!(
+            args.contains("memory-backend-file,id=mem,size=256M,mem-path=/r/mem,share=on"),
+            "{args}"
+        );
+        assert!(!args.contains("-incoming"), "{args}");
         assert!(args.contains("-accel tcg,thread=multi -cpu max"), "{args}");
         assert!(
             args.contains("file=/c/root,,1.ext4,format=raw,if=none,readonly=on"),
@@ -376,7 +545,7 @@ mod tests {
         );
         assert!(!args.contains("vsock"), "{args}");
         assert!(
-            args.contains("-serial file:/run/somna/vms/sbx-test/console.log"),
+            args.contains("file,id=console,path=/run/somna/vms/sbx-test/console.log,append=on"),
             "{args}"
         );
     }
@@ -385,7 +554,9 @@ mod tests {
     fn vsock_channel_and_kvm_command_line() {
         let dir = VmDir::open("/run/somna/vms/sbx-test".into());
         let vmm = QemuVmm::new("qemu-system-x86_64".into(), ChannelKind::Vsock);
-        let args = joined(&vmm.args(&spec(ChannelKind::Vsock, Accelerator::Kvm), &dir));
+        let args = joined(&vmm.args(&spec(ChannelKind::Vsock, Accelerator::Kvm), &dir, true));
+        assert!(args.contains("share=off"), "{args}");
+        assert!(args.ends_with("-incoming defer"), "{args}");
         assert!(args.contains("-accel kvm -cpu host"), "{args}");
         let cid = QemuVmm::vsock_cid("sbx-test");
         assert!(cid >= 3);

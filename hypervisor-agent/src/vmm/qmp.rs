@@ -85,6 +85,10 @@ impl Qmp {
         let mut line = serde_json::to_vec(&msg)?;
         line.push(b'\n');
         self.writer.write_all(&line).await?;
+        self.read_reply(command).await
+    }
+
+    async fn read_reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message().await?;
             if let Some(ret) = reply.get("return") {
@@ -100,6 +104,77 @@ impl Qmp {
             if reply.get("event").is_some() {
                 self.events.push(reply);
             }
+        }
+    }
+
+    /// Hands QEMU an open file descriptor under `name` (QMP `getfd`, the fd
+    /// travels as SCM_RIGHTS), for `fd:<name>` migration URIs. This works
+    /// under QEMU's `-sandbox spawn=deny`, unlike `exec:` URIs.
+    pub async fn send_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd;
+        let mut line =
+            serde_json::to_vec(&json!({ "execute": "getfd", "arguments": { "fdname": name } }))?;
+        line.push(b'\n');
+        let raw = [fd.as_raw_fd()];
+        let sock = self.writer.as_ref();
+        loop {
+            sock.writable().await?;
+            let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(&line)];
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+                nix::sys::socket::sendmsg::<()>(
+                    sock.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == line.len() => break,
+                Ok(n) => {
+                    // The fd went with the first bytes; send the rest plainly.
+                    self.writer.write_all(&line[n..]).await?;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.read_reply("getfd").await.map(|_| ())
+    }
+
+    /// Polls `query-migrate` until the migration ends; returns its final
+    /// status object, or an error if it failed.
+    pub async fn wait_migration(&mut self, timeout: Duration) -> Result<Value, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = self.execute("query-migrate", None).await?;
+            match r["status"].as_str() {
+                Some("completed") => return Ok(r),
+                Some("failed") | Some("cancelled") => {
+                    return Err(QmpError::Command {
+                        command: "migrate".into(),
+                        class: r["status"].as_str().unwrap_or("failed").to_string(),
+                        desc: r["error-desc"]
+                            .as_str()
+                            .unwrap_or("migration failed")
+                            .to_string(),
+                    });
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(QmpError::Timeout("migrate".into()));
+            }
+            // No completion event to wait on without enabling the `events`
+            // capability; the state file is small, so a short poll is fine.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 

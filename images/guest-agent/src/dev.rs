@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use crate::channel;
 use crate::exec::ExecEnv;
 use crate::files::Root;
+use crate::identity::SharedIdentity;
 use crate::logging;
 use crate::reaper::Reaper;
 use crate::service::{Agent, OnShutdown};
@@ -62,11 +63,11 @@ pub fn serve(args: ServeArgs) -> io::Result<()> {
         let exec = ExecEnv {
             root,
             reaper,
-            sandbox_id: args.sandbox_id.clone(),
-            hostname,
+            identity: SharedIdentity::new(args.sandbox_id.clone(), hostname),
             chroot: root_path != Path::new("/"),
         };
-        let service = Agent::new(exec, OnShutdown::Stop(stop.clone())).into_service();
+        // Not a VM: Wake never sets the host's clock or hostname.
+        let service = Agent::new(exec, OnShutdown::Stop(stop.clone()), false).into_service();
 
         match std::fs::remove_file(&args.listen) {
             Ok(()) => {}

@@ -36,6 +36,7 @@ use tonic::{Status, Streaming};
 
 use crate::fdio::FdStream;
 use crate::files::Root;
+use crate::identity::SharedIdentity;
 use crate::reaper::{Exit, Reaper};
 use crate::user::{self, Identity};
 
@@ -57,11 +58,13 @@ pub type ExecStream = ReceiverStream<Result<ExecResponse, Status>>;
 type Tx = mpsc::Sender<Result<ExecResponse, Status>>;
 
 /// What the agent needs to run processes.
+#[derive(Clone)]
 pub struct ExecEnv {
     pub root: Arc<Root>,
     pub reaper: Arc<Reaper>,
-    pub sandbox_id: String,
-    pub hostname: String,
+    /// The sandbox id (checked against `ExecStart.sandbox_id`) and the
+    /// hostname (`HOSTNAME`); `Wake` may replace them.
+    pub identity: SharedIdentity,
     /// chroot into the root (dev mode with a root other than "/").
     pub chroot: bool,
 }
@@ -91,14 +94,9 @@ pub async fn exec(
             "argv is empty; give the program to run as argv[0]",
         ));
     }
-    if !start.sandbox_id.is_empty() && start.sandbox_id != env.sandbox_id {
-        return Err(Status::failed_precondition(format!(
-            "this guest runs sandbox {:?}, not {:?}",
-            env.sandbox_id, start.sandbox_id
-        )));
-    }
+    env.identity.check(&start.sandbox_id)?;
     let root = env.root.clone();
-    let hostname = env.hostname.clone();
+    let hostname = env.identity.get().hostname;
     let plan = tokio::task::spawn_blocking(move || plan(&root, start, &hostname))
         .await
         .map_err(|e| Status::internal(format!("exec planning task failed: {e}")))??;

@@ -356,7 +356,7 @@ fn chmod_dir(parent: &impl AsFd, name: &str, mode: u32, display: &str) -> Result
 }
 
 /// Creates `path` and its missing parents (parents 0o755, `path` `mode`).
-fn mkdir_all(root: &Root, path: &str, mode: u32) -> Result<(), FsError> {
+pub fn mkdir_all(root: &Root, path: &str, mode: u32) -> Result<(), FsError> {
     let comps: Vec<&str> = path
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")
@@ -682,6 +682,63 @@ pub fn write_file(
         guard.name = None;
     }
     stat(root, path)
+}
+
+/// Replaces the small file `path` atomically (a temp file beside it, synced
+/// and renamed over it) with `data` and exactly the permissions `mode`,
+/// creating missing parent directories (0o755). For files the agent owns
+/// (`/etc/machine-id`): readers see the old contents or the new, never a
+/// partial file.
+pub fn replace_small(root: &Root, path: &str, data: &[u8], mode: u32) -> Result<(), FsError> {
+    let Target::Entry { parent, name } = target(path)? else {
+        return Err(FsError::Invalid(format!("{path:?} is the root directory")));
+    };
+    mkdir_all(root, parent, 0o755)?;
+    let dir = root.parent(parent, path)?;
+    let (tmp, fd) = create_temp(&dir, mode, path)?;
+    let mut guard = TempGuard {
+        dir: &dir,
+        name: Some(tmp),
+    };
+    // The mode given at creation was filtered by the umask.
+    fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(FsError::os("chmod", path))?;
+    let mut file = File::from(fd);
+    file.write_all(data).map_err(FsError::io("write", path))?;
+    file.sync_all().map_err(FsError::io("sync", path))?;
+    drop(file);
+    let Some(tmp) = guard.name.as_deref() else {
+        return Err(FsError::Precondition(format!(
+            "write {path:?}: temp file vanished"
+        )));
+    };
+    renameat(&dir, tmp, &dir, name).map_err(FsError::os("replace", path))?;
+    guard.name = None;
+    Ok(())
+}
+
+/// Overwrites the small file `path` in place (creating it with `mode`, and
+/// its parents with 0o755, when missing): one `pwrite` at offset 0, then a
+/// truncate to the new length. The inode stays the same, so a process
+/// watching the file itself (inotify `IN_MODIFY` / `IN_CLOSE_WRITE`) sees
+/// every update.
+pub fn overwrite_small(root: &Root, path: &str, data: &[u8], mode: u32) -> Result<(), FsError> {
+    let Target::Entry { parent, .. } = target(path)? else {
+        return Err(FsError::Invalid(format!("{path:?} is the root directory")));
+    };
+    mkdir_all(root, parent, 0o755)?;
+    let fd = root
+        .open_in(
+            path,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+            Mode::from_bits_truncate(mode),
+        )
+        .map_err(FsError::os("open", path))?;
+    let file = File::from(fd);
+    file.write_all_at(data, 0)
+        .map_err(FsError::io("write", path))?;
+    file.set_len(data.len() as u64)
+        .map_err(FsError::io("truncate", path))?;
+    Ok(())
 }
 
 fn create_temp(dir: &impl AsFd, mode: u32, path: &str) -> Result<(CString, OwnedFd), FsError> {

@@ -126,29 +126,76 @@ impl FrameTracker {
     }
 }
 
-/// Looks for the preface in a stream of chunks, discarding what precedes it.
+/// What [`PrefaceScanner::push`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// An HTTP/2 client preface: the bytes from it on.
+    Preface(Vec<u8>),
+    /// A host's resynchronisation marker (see `somna_proto::serial_sync`),
+    /// to be echoed; `rest` are the bytes after it, to scan next.
+    Sync { marker: Vec<u8>, rest: Vec<u8> },
+}
+
+/// Looks for the preface (or a sync marker) in a stream of chunks,
+/// discarding what precedes it.
 #[derive(Debug, Default)]
 pub struct PrefaceScanner {
-    /// The unmatched tail kept between chunks (shorter than the preface).
+    /// The unmatched tail kept between chunks.
     buf: Vec<u8>,
     /// Bytes thrown away so far (for the log).
     pub discarded: usize,
 }
 
 impl PrefaceScanner {
-    /// Adds `chunk`. Returns the bytes from the preface on once it is found.
-    pub fn push(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+    /// Adds `chunk`. Returns what was found first, with what follows it.
+    pub fn push(&mut self, chunk: &[u8]) -> Option<Found> {
+        use somna_proto::serial_sync;
         self.buf.extend_from_slice(chunk);
-        if let Some(pos) = self.buf.windows(PREFACE.len()).position(|w| w == PREFACE) {
-            self.discarded += pos;
-            return Some(self.buf.split_off(pos));
+        let preface = self.buf.windows(PREFACE.len()).position(|w| w == PREFACE);
+        // The first complete marker, or the start of one still arriving.
+        let mut marker = None;
+        let mut partial = None;
+        let mut from = 0;
+        while let Some(off) = self.buf[from..]
+            .windows(serial_sync::PREFIX.len())
+            .position(|w| w == serial_sync::PREFIX)
+        {
+            let at = from + off;
+            if self.buf.len() - at < serial_sync::LEN {
+                partial = Some(at);
+                break;
+            }
+            if serial_sync::is_marker(&self.buf[at..at + serial_sync::LEN]) {
+                marker = Some(at);
+                break;
+            }
+            from = at + 1;
         }
-        // Keep only what could still be the start of a preface.
-        let keep = (PREFACE.len() - 1).min(self.buf.len());
-        let drop = self.buf.len() - keep;
-        self.discarded += drop;
-        self.buf.drain(..drop);
-        None
+        match (preface, marker) {
+            (Some(p), m) if m.is_none_or(|m| p < m) => {
+                self.discarded += p;
+                Some(Found::Preface(self.buf.split_off(p)))
+            }
+            (_, Some(m)) => {
+                self.discarded += m;
+                let mut tail = self.buf.split_off(m);
+                let rest = tail.split_off(serial_sync::LEN);
+                self.buf.clear();
+                Some(Found::Sync { marker: tail, rest })
+            }
+            _ => {
+                // Keep only what could still be the start of a preface or of
+                // a marker.
+                let keep = (PREFACE.len() - 1).min(self.buf.len());
+                let mut drop = self.buf.len() - keep;
+                if let Some(p) = partial {
+                    drop = drop.min(p);
+                }
+                self.discarded += drop;
+                self.buf.drain(..drop);
+                None
+            }
+        }
     }
 }
 
@@ -217,9 +264,34 @@ mod tests {
     fn preface_split_across_chunks() {
         let mut p = PrefaceScanner::default();
         assert_eq!(p.push(b"stale junk PRI * HTTP"), None);
-        let rest = p.push(b"/2.0\r\n\r\nSM\r\n\r\nSETTINGS").unwrap();
+        let Some(Found::Preface(rest)) = p.push(b"/2.0\r\n\r\nSM\r\n\r\nSETTINGS") else {
+            panic!("no preface found")
+        };
         assert_eq!(&rest[..PREFACE.len()], PREFACE);
         assert_eq!(&rest[PREFACE.len()..], b"SETTINGS");
         assert_eq!(p.discarded, b"stale junk ".len());
+    }
+
+    #[test]
+    fn sync_marker_split_across_chunks_then_preface() {
+        let marker = somna_proto::serial_sync::marker(0xfeed);
+        let mut p = PrefaceScanner::default();
+        let mut input = b"old bytes".to_vec();
+        input.extend_from_slice(&marker[..5]);
+        assert_eq!(p.push(&input), None);
+        let mut second = marker[5..].to_vec();
+        second.extend_from_slice(PREFACE);
+        let Some(Found::Sync { marker: m, rest }) = p.push(&second) else {
+            panic!("no marker found")
+        };
+        assert_eq!(m, marker);
+        assert_eq!(p.discarded, b"old bytes".len());
+        let Some(Found::Preface(start)) = p.push(&rest) else {
+            panic!("no preface after the marker")
+        };
+        assert_eq!(start, PREFACE);
+        // Something that only looks like a marker is not one.
+        let mut q = PrefaceScanner::default();
+        assert_eq!(q.push(b"SOMNA-SYNC not-hex-at-all!!\n"), None);
     }
 }

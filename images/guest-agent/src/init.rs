@@ -14,10 +14,11 @@ use nix::sys::reboot::{RebootMode, reboot};
 
 use crate::cmdline::{ChannelKind, Cmdline};
 use crate::exec::ExecEnv;
-use crate::files::Root;
+use crate::files::{self, Root};
+use crate::identity::{self, SharedIdentity};
 use crate::reaper::{self, Reaper};
 use crate::service::{Agent, OnShutdown};
-use crate::{channel, logging, modules, mounts, net, serial};
+use crate::{channel, logging, modules, mounts, net, serial, wake};
 
 /// How long to wait for the disks and the serial port to appear.
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,7 +94,9 @@ fn boot() -> Result<(), String> {
     modules::load_all(Path::new("/lib/modules"));
     let disks = mounts::find_disks(DEVICE_TIMEOUT)?;
     mounts::mount_sandbox_root(&disks)?;
+    let machine_id_from_image = mounts::machine_id_only_in_image();
     mounts::switch_root()?;
+    first_boot(machine_id_from_image);
 
     if !cmdline.hostname.is_empty() {
         nix::unistd::sethostname(&cmdline.hostname)
@@ -116,6 +119,26 @@ fn boot() -> Result<(), String> {
     runtime.block_on(serve(cmdline))
 }
 
+/// Cold boot in the new root: a unique `/etc/machine-id` unless the sandbox
+/// already has its own (a restored clone's is replaced later by Wake), and
+/// `/run/somna/wake-count` reset to 0. Failures are logged, not fatal: the
+/// sandbox still works without them.
+fn first_boot(machine_id_from_image: bool) {
+    let root = match Root::open(Path::new("/")) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("first boot: {e}");
+            return;
+        }
+    };
+    if let Err(e) = identity::ensure_machine_id(&root, machine_id_from_image) {
+        tracing::warn!("first boot: {e}");
+    }
+    if let Err(e) = files::overwrite_small(&root, wake::WAKE_COUNT_PATH, b"0\n", 0o644) {
+        tracing::warn!("first boot: write {}: {e}", wake::WAKE_COUNT_PATH);
+    }
+}
+
 /// `somna.probe=1`: say the accelerator works and power off, touching
 /// nothing else.
 fn probe_ok() -> ! {
@@ -134,11 +157,10 @@ async fn serve(cmdline: Cmdline) -> Result<(), String> {
     let exec = ExecEnv {
         root: std::sync::Arc::new(root),
         reaper,
-        sandbox_id: cmdline.id.clone(),
-        hostname: cmdline.hostname.clone(),
+        identity: SharedIdentity::new(cmdline.id.clone(), cmdline.hostname.clone()),
         chroot: false,
     };
-    let service = Agent::new(exec, OnShutdown::PowerOff).into_service();
+    let service = Agent::new(exec, OnShutdown::PowerOff, true).into_service();
     match cmdline.channel {
         ChannelKind::Serial => {
             let name = somna_proto::GUEST_SERIAL_PORT_NAME;

@@ -7,8 +7,10 @@
 //!   mounts their overlay and switches root into it ([`init`]);
 //! - it reaps every process of the VM ([`reaper`]);
 //! - it serves `somna.guest.v1.GuestAgent` (process execution, the files API,
-//!   health, shutdown) over the host channel: a virtio-serial port or vsock
-//!   ([`channel`]).
+//!   health, shutdown, and the wake after a snapshot restore: [`wake`]) over
+//!   the host channel: a virtio-serial port or vsock ([`channel`]);
+//! - it gives every sandbox its identity: sandbox id, hostname and a unique
+//!   `/etc/machine-id` ([`identity`]).
 //!
 //! For tests it also runs on a host as an ordinary process ("dev mode":
 //! `somna-guest-agent serve --root DIR --listen SOCK`), serving the same
@@ -21,6 +23,7 @@ mod exec;
 mod fdio;
 mod files;
 mod h2sync;
+mod identity;
 mod init;
 mod logging;
 mod modules;
@@ -30,6 +33,7 @@ mod reaper;
 mod serial;
 mod service;
 mod user;
+mod wake;
 
 use std::process::ExitCode;
 

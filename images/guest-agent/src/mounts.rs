@@ -238,6 +238,15 @@ fn prepare_new_root() -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the sandbox's writable layer lacks `/etc/machine-id`, i.e. the
+/// file the new root shows (if any) is the image's: every sandbox of the
+/// image would share it. Call before [`switch_root`] (the layers are not
+/// reachable after it). A whiteout in the writable layer counts as the
+/// sandbox's own (the merged root then has no file at all).
+pub fn machine_id_only_in_image() -> bool {
+    std::fs::symlink_metadata(format!("{RW}/upper/etc/machine-id")).is_err()
+}
+
 /// Switches root to /sysroot like busybox's switch_root: free the
 /// initramfs's files (they would pin memory forever), move the new root
 /// over "/", chroot into it.

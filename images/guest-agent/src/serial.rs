@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::channel::{self, H2_MAX_FRAME_SIZE};
 use crate::fdio::{self, SharedFd};
-use crate::h2sync::{FrameTracker, PrefaceScanner};
+use crate::h2sync::{Found, FrameTracker, PrefaceScanner};
 use crate::service::AgentService;
 
 /// How often to re-check whether a host client has connected. The driver
@@ -163,19 +163,33 @@ async fn wait_for_host(port: &OwnedFd) {
 }
 
 /// Reads until an HTTP/2 client preface arrives; returns the bytes from it on,
-/// or `None` if the host disconnected first.
+/// or `None` if the host disconnected first. A host's sync marker on the way
+/// is echoed back: the host discards everything it reads before the echo
+/// (bytes of an old session, or written before a snapshot), so this is where
+/// the two directions of the stream line up again.
 async fn find_preface(port: &SharedFd, carry: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
     tracing::trace!(
         "looking for an HTTP/2 preface ({} bytes carried over)",
         carry.len()
     );
     let mut scanner = PrefaceScanner::default();
-    if let Some(start) = scanner.push(&carry) {
-        log_discarded(&scanner);
-        return Ok(Some(start));
-    }
+    let mut input = carry;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
+        match scanner.push(&input) {
+            Some(Found::Preface(start)) => {
+                log_discarded(&scanner);
+                return Ok(Some(start));
+            }
+            Some(Found::Sync { marker, rest }) => {
+                log_discarded(&scanner);
+                tracing::debug!("host sync marker; echoing it");
+                write_all(port, &marker).await?;
+                input = rest;
+                continue;
+            }
+            None => {}
+        }
         let mut rb = ReadBuf::new(&mut buf);
         std::future::poll_fn(|cx| fdio::poll_read_fd(port, cx, &mut rb, false)).await?;
         let n = rb.filled().len();
@@ -183,11 +197,22 @@ async fn find_preface(port: &SharedFd, carry: Vec<u8>) -> io::Result<Option<Vec<
         if n == 0 {
             return Ok(None);
         }
-        if let Some(start) = scanner.push(&buf[..n]) {
-            log_discarded(&scanner);
-            return Ok(Some(start));
-        }
+        input = buf[..n].to_vec();
     }
+}
+
+async fn write_all(port: &SharedFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = std::future::poll_fn(|cx| fdio::poll_write_fd(port, cx, data)).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the host went away",
+            ));
+        }
+        data = &data[n..];
+    }
+    Ok(())
 }
 
 fn log_discarded(scanner: &PrefaceScanner) {
@@ -303,8 +328,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use hyper_util::rt::TokioIo;
-    use somna_proto::guest::v1::HealthRequest;
     use somna_proto::guest::v1::guest_agent_client::GuestAgentClient;
+    use somna_proto::guest::v1::{HealthRequest, Identity, WakeRequest};
     use somna_proto::v1::write_file_request::Msg as WriteMsg;
     use somna_proto::v1::{ReadFileRequest, WriteFileRequest, WriteFileStart};
     use tonic::transport::{Channel, Endpoint, Uri};
@@ -378,12 +403,15 @@ mod tests {
         let exec = ExecEnv {
             root: Arc::new(Root::open(root.path()).unwrap()),
             reaper: Reaper::start().unwrap(),
-            sandbox_id: "sb".into(),
-            hostname: "h".into(),
+            identity: crate::identity::SharedIdentity::new("sb".into(), "h".into()),
             chroot: false,
         };
-        let service =
-            Agent::new(exec, OnShutdown::Stop(Arc::new(tokio::sync::Notify::new()))).into_service();
+        let service = Agent::new(
+            exec,
+            OnShutdown::Stop(Arc::new(tokio::sync::Notify::new())),
+            false,
+        )
+        .into_service();
         let server = tokio::spawn(serve(OwnedFd::from(agent_end), service));
 
         // Leftovers of an earlier session precede the first client.
@@ -447,22 +475,28 @@ mod tests {
             cut: Arc::new(AtomicBool::new(false)),
         })
         .await;
+        // As after a restore: Wake is the new client's first RPC, and it
+        // takes a new identity that the next requests see.
+        let woke = c2
+            .wake(WakeRequest {
+                unix_time_ns: 1_700_000_000_000_000_000,
+                entropy: vec![0x5a; 64],
+                identity: Some(Identity {
+                    sandbox_id: "sb2".into(),
+                    hostname: "h2".into(),
+                    machine_id: "0123456789abcdef0123456789abcdef".into(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(woke.wake_count, 1);
+        let h = c2.health(HealthRequest {}).await.unwrap().into_inner();
         assert_eq!(
-            c2.health(HealthRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .sandbox_id,
-            "sb"
+            (h.sandbox_id.as_str(), h.hostname.as_str(), h.wake_count),
+            ("sb2", "h2", 1)
         );
-        assert_eq!(
-            c2.health(HealthRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .hostname,
-            "h"
-        );
+        assert_eq!(h.machine_id, "0123456789abcdef0123456789abcdef");
         server.abort();
     }
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use somna_proto::guest::v1::guest_agent_server::{GuestAgent, GuestAgentServer};
-use somna_proto::guest::v1::{HealthRequest, HealthResponse, ShutdownRequest, ShutdownResponse};
+use somna_proto::guest::v1::{
+    HealthRequest, HealthResponse, ShutdownRequest, ShutdownResponse, WakeRequest, WakeResponse,
+};
 use somna_proto::v1::write_file_request::Msg as WriteMsgProto;
 use somna_proto::v1::{
     ExecRequest, FileChunk, FileInfo, ListFilesRequest, ListFilesResponse, MakeDirRequest,
@@ -18,6 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::exec::{self, ExecEnv, ExecStream};
 use crate::files::{self, FsError, Root, WriteMsg};
+use crate::identity;
+use crate::wake::Waker;
 
 /// The tonic service as served on every channel.
 pub type AgentService = GuestAgentServer<Agent>;
@@ -36,11 +40,17 @@ pub enum OnShutdown {
 pub struct Agent {
     exec: ExecEnv,
     on_shutdown: OnShutdown,
+    waker: Arc<Waker>,
 }
 
 impl Agent {
-    pub fn new(exec: ExecEnv, on_shutdown: OnShutdown) -> Agent {
-        Agent { exec, on_shutdown }
+    /// `vm`: the agent is PID 1 of a VM (Wake sets the clock and hostname).
+    pub fn new(exec: ExecEnv, on_shutdown: OnShutdown, vm: bool) -> Agent {
+        Agent {
+            exec,
+            on_shutdown,
+            waker: Arc::new(Waker::new(vm)),
+        }
     }
 
     pub fn into_service(self) -> AgentService {
@@ -54,14 +64,7 @@ impl Agent {
     }
 
     fn check_sandbox(&self, id: &str) -> Result<(), Status> {
-        if id.is_empty() || id == self.exec.sandbox_id {
-            Ok(())
-        } else {
-            Err(Status::failed_precondition(format!(
-                "this guest runs sandbox {:?}, not {:?}",
-                self.exec.sandbox_id, id
-            )))
-        }
+        self.exec.identity.check(id)
     }
 }
 
@@ -89,12 +92,19 @@ impl GuestAgent for Agent {
         let kernel = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
+        let root = self.root();
+        let machine_id = tokio::task::spawn_blocking(move || identity::read_machine_id(&root))
+            .await
+            .unwrap_or_default();
+        let id = self.exec.identity.get();
         Ok(Response::new(HealthResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            sandbox_id: self.exec.sandbox_id.clone(),
-            hostname: self.exec.hostname.clone(),
+            sandbox_id: id.sandbox_id,
+            hostname: id.hostname,
             uptime_ms,
             kernel,
+            machine_id,
+            wake_count: self.waker.count(),
         }))
     }
 
@@ -243,6 +253,13 @@ impl GuestAgent for Agent {
         let root = self.root();
         blocking(move || files::rename(&root, &req.from, &req.to)).await?;
         Ok(Response::new(RenameFileResponse {}))
+    }
+
+    async fn wake(&self, request: Request<WakeRequest>) -> Result<Response<WakeResponse>, Status> {
+        self.waker
+            .wake(&self.exec, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn shutdown(

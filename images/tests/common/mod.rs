@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
+pub mod registry;
+pub mod token;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use somna_images::mkimage::{LayerInput, NewImage, WrittenImage, write_image};
-use somna_images::{ImageConfig, ImageStore, ImageStoreConfig};
+use somna_images::{ImageConfig, ImageStore, ImageStoreConfig, ImageStoreOptions};
 
 /// Layer, unpack and disk tests write ownership and device nodes.
 pub fn require_root() {
@@ -180,6 +183,54 @@ impl World {
             cache_dir: self.cache(),
         })
         .unwrap()
+    }
+
+    pub fn store_with(&self, options: ImageStoreOptions) -> ImageStore {
+        ImageStore::with_options(
+            ImageStoreConfig {
+                local_dirs: vec![self.images()],
+                cache_dir: self.cache(),
+            },
+            options,
+        )
+        .unwrap()
+    }
+
+    /// A layout outside the store's local directories (a source to push
+    /// to a registry or import), `<tmp>/src/<name>`.
+    pub fn src(&self, name: &str) -> PathBuf {
+        self.tmp.path().join("src").join(name)
+    }
+
+    /// Writes `name:tag` into [`World::src`]`(name)`.
+    pub fn src_image(
+        &self,
+        reference: &str,
+        layers: Vec<LayerInput>,
+        config: ImageConfig,
+    ) -> WrittenImage {
+        let name = reference.split(':').next().unwrap();
+        write_image(
+            &self.src(name),
+            &NewImage {
+                reference: reference.to_string(),
+                config,
+                layers,
+            },
+        )
+        .unwrap()
+    }
+
+    /// What the cache holds: (image records, blobs, root disks, tmp
+    /// entries).
+    pub fn cache_counts(&self) -> (usize, usize, usize, usize) {
+        let count = |p: PathBuf| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+        (
+            count(self.cache().join("images")),
+            count(self.cache().join("blobs/sha256")),
+            count(self.cache().join("disks")),
+            count(self.cache().join("tmp")),
+        )
     }
 
     /// Writes `name:tag` made of these tar layers.

@@ -1,14 +1,17 @@
 //! Plugs the host agent running in this process into the control plane
-//! (`somna up`): each `Host` call becomes a direct call on the agent or its
-//! guest client, with no network hop in between.
+//! (`somna up`): each `Host` call becomes a direct call on the agent, with
+//! no network hop in between.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use somna_controlplane::{Host, StatusStream};
-use somna_hypervisor_agent::{Agent, SandboxInfo, SandboxRequest, SandboxState};
+use somna_hypervisor_agent::{
+    Agent, HostInfo, SandboxInfo, SandboxRequest, SandboxState, StartMode,
+};
 use somna_proto::v1::{
     self as proto, CreateSandboxRequest, ExecRequest, ExecResponse, ExecStart, FileChunk, FileInfo,
     ListFilesRequest, ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest,
@@ -29,6 +32,7 @@ impl LocalHost {
         let state = match info.state {
             SandboxState::Creating => proto::SandboxState::Creating,
             SandboxState::Running => proto::SandboxState::Running,
+            SandboxState::Sleeping => proto::SandboxState::Sleeping,
             SandboxState::Failed => proto::SandboxState::Failed,
             SandboxState::Destroying => proto::SandboxState::Destroying,
         };
@@ -47,7 +51,73 @@ impl LocalHost {
             accelerator: info.accelerator.to_string(),
             failure: info.failure.unwrap_or_default(),
             boot_ms: info.boot_ms,
+            start_mode: start_mode_to_proto(info.start_mode) as i32,
+            idle_timeout_seconds: info.idle_timeout.map(|d| d.as_secs()).unwrap_or(0),
+            last_active_at: Some(info.last_active_at.into()),
+            sleep_count: info.sleep_count,
+            wake_count: info.wake_count,
         }
+    }
+}
+
+fn start_mode_to_proto(m: StartMode) -> proto::StartMode {
+    match m {
+        StartMode::Auto => proto::StartMode::Auto,
+        StartMode::ColdBoot => proto::StartMode::ColdBoot,
+        StartMode::Template => proto::StartMode::Template,
+        StartMode::WarmPool => proto::StartMode::WarmPool,
+    }
+}
+
+fn start_mode_from_proto(m: i32) -> Result<StartMode, Status> {
+    Ok(match proto::StartMode::try_from(m) {
+        Ok(proto::StartMode::Auto) => StartMode::Auto,
+        Ok(proto::StartMode::ColdBoot) => StartMode::ColdBoot,
+        Ok(proto::StartMode::Template) => StartMode::Template,
+        Ok(proto::StartMode::WarmPool) => StartMode::WarmPool,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "start_mode {m} is not a known StartMode"
+            )));
+        }
+    })
+}
+
+fn host_to_proto(h: HostInfo) -> proto::Host {
+    let ts = |t: SystemTime| Some(prost_types::Timestamp::from(t));
+    proto::Host {
+        id: h.id,
+        accelerator: h.accelerator.accelerator.to_string(),
+        accelerator_reason: h.accelerator.reason,
+        vmm: h.vmm.to_string(),
+        sandboxes_running: h.running,
+        sandboxes_sleeping: h.sleeping,
+        templates: h
+            .templates
+            .into_iter()
+            .map(|t| proto::Template {
+                image: t.image,
+                image_digest: t.image_digest,
+                cpus: t.cpus,
+                memory_mib: t.memory_mib,
+                disk_mib: t.disk_mib,
+                size_bytes: t.size_bytes,
+                created_at: ts(t.created_at),
+                clones: t.clones,
+            })
+            .collect(),
+        warm_pools: h
+            .warm_pools
+            .into_iter()
+            .map(|p| proto::WarmPool {
+                image: p.image,
+                cpus: p.cpus,
+                memory_mib: p.memory_mib,
+                disk_mib: p.disk_mib,
+                target: p.target,
+                ready: p.ready,
+            })
+            .collect(),
     }
 }
 
@@ -66,6 +136,9 @@ impl Host for LocalHost {
                 memory_mib: req.memory_mib,
                 disk_mib: req.disk_mib,
                 env: req.env.into_iter().collect(),
+                idle_timeout: (req.idle_timeout_seconds > 0)
+                    .then(|| Duration::from_secs(req.idle_timeout_seconds)),
+                start_mode: start_mode_from_proto(req.start_mode)?,
             })
             .await?;
         Ok(self.to_proto(info))
@@ -88,20 +161,28 @@ impl Host for LocalHost {
         Ok(self.agent.destroy(id).await?)
     }
 
+    async fn sleep_sandbox(&self, id: &str) -> Result<proto::Sandbox, Status> {
+        Ok(self.to_proto(self.agent.sleep(id).await?))
+    }
+
+    async fn wake_sandbox(&self, id: &str) -> Result<proto::Sandbox, Status> {
+        Ok(self.to_proto(self.agent.wake(id).await?))
+    }
+
+    async fn info(&self) -> Result<proto::Host, Status> {
+        Ok(host_to_proto(self.agent.host_info()))
+    }
+
     async fn exec(
         &self,
-        mut start: ExecStart,
+        start: ExecStart,
         rest: BoxStream<'static, ExecRequest>,
     ) -> Result<StatusStream<ExecResponse>, Status> {
-        let mut guest = self.agent.prepare_exec(&mut start)?;
-        let first = ExecRequest {
-            msg: Some(proto::exec_request::Msg::Start(start)),
-        };
-        Ok(guest.exec(relay(first, rest)).await?.into_inner().boxed())
+        Ok(self.agent.exec(start, rest).await?)
     }
 
     async fn read_file(&self, req: ReadFileRequest) -> Result<StatusStream<FileChunk>, Status> {
-        let mut guest = self.agent.guest(&req.sandbox_id)?;
+        let mut guest = self.agent.files(&req.sandbox_id).await?;
         Ok(guest.read_file(req).await?.into_inner().boxed())
     }
 
@@ -110,17 +191,14 @@ impl Host for LocalHost {
         start: WriteFileStart,
         rest: BoxStream<'static, WriteFileRequest>,
     ) -> Result<WriteFileResponse, Status> {
-        let mut guest = self.agent.guest(&start.sandbox_id)?;
-        let first = WriteFileRequest {
-            msg: Some(proto::write_file_request::Msg::Start(start)),
-        };
-        Ok(guest.write_file(relay(first, rest)).await?.into_inner())
+        Ok(self.agent.write_file(start, rest).await?)
     }
 
     async fn stat_file(&self, req: StatFileRequest) -> Result<FileInfo, Status> {
         Ok(self
             .agent
-            .guest(&req.sandbox_id)?
+            .files(&req.sandbox_id)
+            .await?
             .stat_file(req)
             .await?
             .into_inner())
@@ -129,7 +207,8 @@ impl Host for LocalHost {
     async fn list_files(&self, req: ListFilesRequest) -> Result<ListFilesResponse, Status> {
         Ok(self
             .agent
-            .guest(&req.sandbox_id)?
+            .files(&req.sandbox_id)
+            .await?
             .list_files(req)
             .await?
             .into_inner())
@@ -138,40 +217,28 @@ impl Host for LocalHost {
     async fn make_dir(&self, req: MakeDirRequest) -> Result<FileInfo, Status> {
         Ok(self
             .agent
-            .guest(&req.sandbox_id)?
+            .files(&req.sandbox_id)
+            .await?
             .make_dir(req)
             .await?
             .into_inner())
     }
 
     async fn remove_file(&self, req: RemoveFileRequest) -> Result<(), Status> {
-        self.agent.guest(&req.sandbox_id)?.remove_file(req).await?;
+        self.agent
+            .files(&req.sandbox_id)
+            .await?
+            .remove_file(req)
+            .await?;
         Ok(())
     }
 
     async fn rename_file(&self, req: RenameFileRequest) -> Result<(), Status> {
-        self.agent.guest(&req.sandbox_id)?.rename_file(req).await?;
+        self.agent
+            .files(&req.sandbox_id)
+            .await?
+            .rename_file(req)
+            .await?;
         Ok(())
     }
-}
-
-/// `first` followed by `rest`, as a concrete stream type. (Passing a
-/// combinator chain over a boxed stream to the generated client trips a
-/// compiler limitation with higher-ranked lifetimes inside async traits.)
-fn relay<T: Send + 'static>(
-    first: T,
-    mut rest: BoxStream<'static, T>,
-) -> tokio_stream::wrappers::ReceiverStream<T> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        if tx.send(first).await.is_err() {
-            return;
-        }
-        while let Some(item) = rest.next().await {
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -4,6 +4,7 @@
 
 mod cp;
 mod exec;
+mod host;
 mod local_host;
 mod output;
 mod sandbox;
@@ -34,9 +35,12 @@ struct Cli {
 enum Command {
     /// Run a single-node platform: control plane and a host agent.
     Up(up::UpArgs),
-    /// Create, use and destroy sandboxes.
+    /// Create, use, sleep, wake and destroy sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Hosts, their templates and warm pools.
+    #[command(subcommand)]
+    Host(host::HostCommand),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args, cli.json).await.map(|()| 0),
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.addr, cli.json).await,
+            Command::Host(cmd) => host::run(cmd, &cli.addr, cli.json).await,
         }
     });
     // Do not wait for blocking readers (e.g. a stdin pump) to finish.

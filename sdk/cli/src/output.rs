@@ -11,7 +11,17 @@ pub fn state_name(state: i32) -> &'static str {
         Ok(proto::SandboxState::Running) => "running",
         Ok(proto::SandboxState::Failed) => "failed",
         Ok(proto::SandboxState::Destroying) => "destroying",
+        Ok(proto::SandboxState::Sleeping) => "sleeping",
         _ => "unknown",
+    }
+}
+
+pub fn start_mode_name(mode: i32) -> &'static str {
+    match proto::StartMode::try_from(mode) {
+        Ok(proto::StartMode::ColdBoot) => "cold-boot",
+        Ok(proto::StartMode::Template) => "template",
+        Ok(proto::StartMode::WarmPool) => "warm-pool",
+        _ => "auto",
     }
 }
 
@@ -44,6 +54,11 @@ pub fn sandbox_json(s: &proto::Sandbox) -> Value {
         "host": s.host,
         "accelerator": s.accelerator,
         "boot_ms": s.boot_ms,
+        "start_mode": start_mode_name(s.start_mode),
+        "idle_timeout_seconds": s.idle_timeout_seconds,
+        "last_active_at": rfc3339(&s.last_active_at),
+        "sleep_count": s.sleep_count,
+        "wake_count": s.wake_count,
         "failure": if s.failure.is_empty() { Value::Null } else { Value::String(s.failure.clone()) },
     })
 }

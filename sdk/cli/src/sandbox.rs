@@ -21,6 +21,17 @@ pub enum SandboxCommand {
     /// Show one sandbox.
     #[command(alias = "inspect")]
     Get { id: String },
+    /// Put sandboxes into light sleep: memory and processes go to disk, the
+    /// host's RAM is released.
+    Sleep {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Wake sleeping sandboxes (exec and cp wake them by themselves).
+    Wake {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Destroy sandboxes.
     #[command(alias = "destroy")]
     Rm {
@@ -53,6 +64,27 @@ pub struct CreateArgs {
     /// Destroy the sandbox after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Put the sandbox to sleep after this many seconds without exec or
+    /// file activity.
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// How to start the VM: auto (warm pool, else template, else boot),
+    /// cold-boot, template or warm-pool.
+    #[arg(long, default_value = "auto", value_parser = parse_start_mode)]
+    start: somna_sdk::proto::StartMode,
+}
+
+fn parse_start_mode(s: &str) -> Result<somna_sdk::proto::StartMode, String> {
+    use somna_sdk::proto::StartMode as M;
+    match s {
+        "auto" => Ok(M::Auto),
+        "cold-boot" | "boot" => Ok(M::ColdBoot),
+        "template" => Ok(M::Template),
+        "warm-pool" | "pool" => Ok(M::WarmPool),
+        other => Err(format!(
+            "{other:?}: use auto, cold-boot, template or warm-pool"
+        )),
+    }
 }
 
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -70,6 +102,8 @@ pub async fn run(cmd: SandboxCommand, addr: &str, json: bool) -> anyhow::Result<
         SandboxCommand::Ls => ls(&client, json).await.map(|()| 0),
         SandboxCommand::Get { id } => get(&client, &id, json).await.map(|()| 0),
         SandboxCommand::Rm { ids } => rm(&client, &ids, json).await,
+        SandboxCommand::Sleep { ids } => sleep_wake(&client, &ids, json, true).await,
+        SandboxCommand::Wake { ids } => sleep_wake(&client, &ids, json, false).await,
         SandboxCommand::Cp(args) => crate::cp::run(&client, args, json).await.map(|()| 0),
     }
 }
@@ -82,6 +116,13 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
     for (k, v) in args.env {
         opts = opts.env(k, v);
     }
+    if let Some(t) = args.idle_timeout {
+        if t == 0 {
+            bail!("--idle-timeout must be at least 1 second");
+        }
+        opts = opts.idle_timeout(Duration::from_secs(t));
+    }
+    opts = opts.start_mode(args.start);
     if let Some(t) = args.timeout {
         if t == 0 {
             bail!("--timeout must be at least 1 second");
@@ -157,6 +198,42 @@ async fn rm(client: &Client, ids: &[String], json: bool) -> anyhow::Result<i32> 
             Err(e) => {
                 failed += 1;
                 eprintln!("somna: cannot destroy {id}: {e}");
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+async fn sleep_wake(
+    client: &Client,
+    ids: &[String],
+    json: bool,
+    sleep: bool,
+) -> anyhow::Result<i32> {
+    let verb = if sleep { "sleep" } else { "wake" };
+    let mut failed = 0;
+    for id in ids {
+        let started = std::time::Instant::now();
+        let result = if sleep {
+            client.sleep_sandbox(id).await
+        } else {
+            client.wake_sandbox(id).await
+        };
+        match result {
+            Ok(sb) if json => {
+                let mut v = sandbox_json(&sb);
+                v["elapsed_ms"] = serde_json::json!(started.elapsed().as_secs_f64() * 1000.0);
+                println!("{v}");
+            }
+            Ok(sb) => println!(
+                "{} {} ({} ms)",
+                sb.id,
+                state_name(sb.state),
+                started.elapsed().as_millis()
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("somna: cannot {verb} {id}: {e}");
             }
         }
     }

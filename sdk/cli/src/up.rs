@@ -38,6 +38,12 @@ pub struct UpArgs {
     /// Name of this host.
     #[arg(long)]
     host_id: Option<String>,
+    /// Keep N restored, paused VMs of IMAGE ready (IMAGE=N); repeatable.
+    #[arg(long = "warm-pool", value_name = "IMAGE=N")]
+    warm_pools: Vec<somna_hypervisor_agent::WarmPoolSpec>,
+    /// Do not build template snapshots (every create boots).
+    #[arg(long)]
+    no_templates: bool,
 }
 
 pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
@@ -69,6 +75,8 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
         config.host_id = h;
     }
     config.accel = args.accel;
+    config.warm_pools = args.warm_pools;
+    config.templates = !args.no_templates;
 
     let agent = Agent::start(config)
         .await

@@ -37,6 +37,7 @@ pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7477";
 #[derive(Clone)]
 pub struct Client {
     rpc: SandboxesClient<Channel>,
+    channel: Channel,
 }
 
 impl Client {
@@ -62,6 +63,7 @@ impl Client {
             reason: source_chain(&e),
         })?;
         Ok(Client {
+            channel: channel.clone(),
             rpc: SandboxesClient::new(channel)
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024),
@@ -88,6 +90,11 @@ impl Client {
             disk_mib: options.disk_mib,
             env: options.env.into_iter().collect(),
             timeout_seconds: options.timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
+            idle_timeout_seconds: options
+                .idle_timeout
+                .map(|t| t.as_secs().max(1))
+                .unwrap_or(0),
+            start_mode: options.start_mode as i32,
         };
         let info = self.rpc().create_sandbox(req).await?.into_inner();
         Ok(Sandbox {
@@ -118,6 +125,28 @@ impl Client {
             .sandboxes)
     }
 
+    /// Puts a sandbox into light sleep (its RAM goes back to the host).
+    pub async fn sleep_sandbox(&self, id: &str) -> Result<proto::Sandbox> {
+        let req = proto::SleepSandboxRequest { id: id.to_string() };
+        Ok(self.rpc().sleep_sandbox(req).await?.into_inner())
+    }
+
+    /// Wakes a sleeping sandbox (exec and file calls do this by themselves).
+    pub async fn wake_sandbox(&self, id: &str) -> Result<proto::Sandbox> {
+        let req = proto::WakeSandboxRequest { id: id.to_string() };
+        Ok(self.rpc().wake_sandbox(req).await?.into_inner())
+    }
+
+    /// The hosts, with their templates and warm pools.
+    pub async fn list_hosts(&self) -> Result<Vec<proto::Host>> {
+        let mut hosts = proto::hosts_client::HostsClient::new(self.channel.clone());
+        Ok(hosts
+            .list_hosts(proto::ListHostsRequest {})
+            .await?
+            .into_inner()
+            .hosts)
+    }
+
     pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
         self.rpc()
             .destroy_sandbox(proto::DestroySandboxRequest { id: id.to_string() })
@@ -136,6 +165,10 @@ pub struct CreateOptions {
     pub env: BTreeMap<String, String>,
     /// Destroy the sandbox this long after creation.
     pub timeout: Option<Duration>,
+    /// Put the sandbox to sleep after this long without exec or file calls.
+    pub idle_timeout: Option<Duration>,
+    /// How to start the VM (default: the fastest available).
+    pub start_mode: proto::StartMode,
 }
 
 impl CreateOptions {
@@ -165,6 +198,14 @@ impl CreateOptions {
         self.timeout = Some(timeout);
         self
     }
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
+    }
+    pub fn start_mode(mut self, mode: proto::StartMode) -> Self {
+        self.start_mode = mode;
+        self
+    }
 }
 
 /// A sandbox: a microVM running an image.
@@ -186,6 +227,18 @@ impl Sandbox {
 
     pub async fn refresh(&mut self) -> Result<&proto::Sandbox> {
         self.info = self.client.sandbox(&self.info.id).await?.info;
+        Ok(&self.info)
+    }
+
+    /// Light sleep: processes and memory are kept on disk, the host's RAM
+    /// is released. Exec and file calls wake it again.
+    pub async fn sleep(&mut self) -> Result<&proto::Sandbox> {
+        self.info = self.client.sleep_sandbox(&self.info.id).await?;
+        Ok(&self.info)
+    }
+
+    pub async fn wake(&mut self) -> Result<&proto::Sandbox> {
+        self.info = self.client.wake_sandbox(&self.info.id).await?;
         Ok(&self.info)
     }
 

@@ -54,6 +54,9 @@ pub struct Options {
     pub artifacts: Artifacts,
     /// `--accel`: "tcg" by default so tests do not each pay for a KVM probe.
     pub accel: String,
+    /// Build template snapshots (off by default: each create then cold
+    /// boots, and no background build competes with the test's VMs).
+    pub templates: bool,
     /// Extra arguments for `somna up`.
     pub extra_args: Vec<String>,
 }
@@ -64,6 +67,7 @@ impl Options {
             somna: somna.into(),
             artifacts: Artifacts::from_env(),
             accel: "tcg".into(),
+            templates: false,
             extra_args: Vec::new(),
         }
     }
@@ -112,6 +116,11 @@ impl Platform {
             .arg("--image-dir")
             .arg(&o.artifacts.image_dir)
             .args(["--accel", &o.accel])
+            .args(if o.templates {
+                &[][..]
+            } else {
+                &["--no-templates"][..]
+            })
             .args(&o.extra_args)
             .env(
                 "SOMNA_LOG",
@@ -169,6 +178,11 @@ impl Platform {
             .into_iter()
             .filter(|p| Some(*p) != own)
             .collect()
+    }
+
+    /// Bytes of `path` resident in the host's page cache.
+    pub fn resident_bytes(path: &Path) -> u64 {
+        somna_snapshotter::residency::resident_bytes(path).unwrap_or(0)
     }
 
     /// `somna` CLI command pointed at this platform.
@@ -268,5 +282,23 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`wait_until`] for async conditions.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

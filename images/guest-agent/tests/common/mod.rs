@@ -84,6 +84,11 @@ impl Agent {
         agent
     }
 
+    /// The agent's pid (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub async fn client(&self) -> Client {
         connect(&self.socket).await
     }
@@ -127,6 +132,35 @@ pub async fn connect(socket: &Path) -> Client {
         .await
         .expect("connect to the agent");
     GuestAgentClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// Makes `root` a minimal sandbox root: /bin/busybox (static, from the host)
+/// with `applets` linked to it, and an empty /etc.
+pub fn busybox_root(root: &Path, applets: &[&str]) {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        panic!("this test needs /bin/busybox (apt-get install -y busybox-static)");
+    }
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` has passed.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 pub fn start(argv: &[&str]) -> ExecStart {

@@ -1,0 +1,138 @@
+//! Exec and file calls on a sandbox: wake it if it sleeps, fill the exec
+//! defaults, relay to the guest agent, and count the activity (idle
+//! detection). An exec stream whose VM goes to sleep or away ends with a
+//! clear error instead of a broken connection.
+
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use somna_proto::guest::v1::guest_agent_client::GuestAgentClient;
+use somna_proto::v1::{
+    ExecRequest, ExecResponse, ExecStart, WriteFileRequest, WriteFileResponse, WriteFileStart,
+};
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::agent::Agent;
+use crate::error::AgentError;
+
+pub type StatusStream<T> = BoxStream<'static, Result<T, Status>>;
+
+impl Agent {
+    /// Runs a process in the sandbox `start.sandbox_id`; `rest` are the
+    /// client's further messages (stdin, signals, resizes).
+    pub async fn exec(
+        self: &Arc<Self>,
+        mut start: ExecStart,
+        rest: BoxStream<'static, ExecRequest>,
+    ) -> Result<StatusStream<ExecResponse>, AgentError> {
+        if start.argv.is_empty() || start.argv[0].is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "exec needs a command (argv is empty)".into(),
+            ));
+        }
+        let (sandbox, live) = self.awake(&start.sandbox_id).await?;
+        sandbox.apply_exec_defaults(&mut start);
+        let id = start.sandbox_id.clone();
+        let guard = sandbox.activity.begin();
+        let mut epoch = sandbox.epoch.subscribe();
+        epoch.borrow_and_update();
+        let first = ExecRequest {
+            msg: Some(somna_proto::v1::exec_request::Msg::Start(start)),
+        };
+        let responses = live
+            .guest
+            .rpc()
+            .exec(relay(first, rest))
+            .await
+            .map_err(AgentError::Guest)?
+            .into_inner();
+        let activity = sandbox.activity.clone();
+        // End the stream with an explanation when the VM stops under it.
+        let stopped = async move {
+            let _ = epoch.changed().await;
+            Status::aborted(format!(
+                "sandbox {id} was put to sleep or destroyed while this command ran; its output after that point is lost"
+            ))
+        };
+        let stream = until_stopped(responses, stopped).map(move |item| {
+            let _keep = &guard;
+            activity.touch();
+            item
+        });
+        Ok(stream.boxed())
+    }
+
+    /// The guest client of a sandbox for a file call, waking it if it
+    /// sleeps.
+    pub async fn files(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<GuestAgentClient<Channel>, AgentError> {
+        let (_, live) = self.awake(id).await?;
+        Ok(live.guest.rpc())
+    }
+
+    /// Writes a file: `start` was the client's first message, `rest` the
+    /// data chunks.
+    pub async fn write_file(
+        self: &Arc<Self>,
+        start: WriteFileStart,
+        rest: BoxStream<'static, WriteFileRequest>,
+    ) -> Result<WriteFileResponse, AgentError> {
+        let (sandbox, live) = self.awake(&start.sandbox_id).await?;
+        let _guard = sandbox.activity.begin();
+        let first = WriteFileRequest {
+            msg: Some(somna_proto::v1::write_file_request::Msg::Start(start)),
+        };
+        Ok(live
+            .guest
+            .rpc()
+            .write_file(relay(first, rest))
+            .await
+            .map_err(AgentError::Guest)?
+            .into_inner())
+    }
+}
+
+/// `inner` until `stop` resolves; then `stop`'s error, then the end.
+fn until_stopped<T: Send + 'static>(
+    inner: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    stop: impl std::future::Future<Output = Status> + Send + 'static,
+) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
+    futures::stream::unfold(
+        (Box::pin(inner), Box::pin(stop), false),
+        |(mut inner, mut stop, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                item = inner.next() => item.map(|i| (i, (inner, stop, false))),
+                status = &mut stop => Some((Err(status), (inner, stop, true))),
+            }
+        },
+    )
+}
+
+/// `first` followed by `rest`, as a concrete stream type. (Passing a
+/// combinator chain over a boxed stream to the generated client trips a
+/// compiler limitation with higher-ranked lifetimes in async traits.)
+fn relay<T: Send + 'static>(
+    first: T,
+    mut rest: BoxStream<'static, T>,
+) -> tokio_stream::wrappers::ReceiverStream<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        while let Some(item) = rest.next().await {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

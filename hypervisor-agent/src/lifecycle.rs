@@ -1,0 +1,358 @@
+//! Light sleep and wake of sandboxes, automatic wake on use, the idle
+//! monitor that puts idle sandboxes to sleep, and what happens when a VMM
+//! dies on its own.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use somna_snapshotter::{MemoryLayout, Snapshot, SnapshotParts, residency};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::agent::{Agent, VMM_STOP_GRACE};
+use crate::error::AgentError;
+use crate::launch;
+use crate::sandbox::{LiveVm, MemoryMode, Sandbox, SandboxInfo, SandboxState};
+use crate::vmm::{Incoming, MemoryBacking};
+
+/// Timings of one sleep, for logs and benchmarks.
+#[derive(Debug, Default)]
+struct SleepTimings {
+    save_ms: u64,
+    stop_ms: u64,
+    seal_ms: u64,
+    release_ms: u64,
+}
+
+impl Agent {
+    /// Puts a running sandbox to sleep: pause, save state (device state only
+    /// when its RAM is its own memory file), stop the VMM, checksum the
+    /// snapshot and release its pages from the host's memory.
+    pub async fn sleep(&self, id: &str) -> Result<SandboxInfo, AgentError> {
+        let sandbox = self.lookup(id)?;
+        let span = info_span!("sleep_sandbox", %id);
+        self.sleep_inner(&sandbox).instrument(span).await?;
+        Ok(sandbox.info())
+    }
+
+    async fn sleep_inner(&self, sandbox: &Arc<Sandbox>) -> Result<(), AgentError> {
+        let _lifecycle = sandbox.lifecycle.lock().await;
+        let info = sandbox.info();
+        match info.state {
+            SandboxState::Running => {}
+            SandboxState::Sleeping => return Ok(()),
+            other => return Err(not_running(&info, other)),
+        }
+        let Some(live) = sandbox.live() else {
+            return Err(not_running(&info, SandboxState::Failed));
+        };
+        let started = Instant::now();
+        // Detach the VM first: its exit is now expected, not a crash, and
+        // exec streams on it end with a clear message.
+        sandbox.set_live(None);
+        sandbox.bump_epoch();
+        let layout = match sandbox.memory_mode() {
+            MemoryMode::Own => MemoryLayout::File,
+            MemoryMode::TemplateCow => MemoryLayout::Stream,
+        };
+        let dir = &sandbox.dir;
+        let mut t = SleepTimings::default();
+        let saved = async {
+            live.vm.pause().await?;
+            live.vm
+                .save_state(&dir.state_file(), layout == MemoryLayout::File)
+                .await
+        }
+        .await;
+        t.save_ms = started.elapsed().as_millis() as u64;
+        if let Err(e) = saved {
+            // The VM is still there: keep it running rather than lose it.
+            if live.vm.resume().await.is_ok() {
+                sandbox.set_live(Some(live.clone()));
+                return Err(AgentError::Vmm {
+                    id: info.id.clone(),
+                    source: e,
+                });
+            }
+            live.vm.kill().await;
+            return Err(
+                self.fail_sandbox(sandbox, format!("saving its state for sleep failed: {e}"))
+            );
+        }
+        let mark = Instant::now();
+        live.vm.stop(VMM_STOP_GRACE).await;
+        t.stop_ms = mark.elapsed().as_millis() as u64;
+
+        let mark = Instant::now();
+        let memory_file = dir.memory_file();
+        let sealed = Snapshot::seal(
+            dir.path(),
+            SnapshotParts {
+                memory: layout,
+                state: &dir.state_file(),
+                memory_file: (layout == MemoryLayout::File).then_some(memory_file.as_path()),
+                disk: &dir.rw_disk(),
+                cpus: info.cpus,
+                memory_mib: info.memory_mib,
+                root_disk: sandbox.root_disk_id.clone(),
+            },
+        );
+        t.seal_ms = mark.elapsed().as_millis() as u64;
+        if let Err(e) = sealed {
+            return Err(self.fail_sandbox(sandbox, format!("sealing its snapshot failed: {e}")));
+        }
+        let mark = Instant::now();
+        let mut files = vec![dir.state_file(), dir.rw_disk()];
+        if layout == MemoryLayout::File {
+            files.push(memory_file);
+        }
+        for f in &files {
+            if let Err(e) = residency::release(f) {
+                warn!(file = %f.display(), error = %e, "cannot release a snapshot file from the page cache");
+            }
+        }
+        t.release_ms = mark.elapsed().as_millis() as u64;
+        sandbox.update(|i| {
+            i.state = SandboxState::Sleeping;
+            i.sleep_count += 1;
+        });
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            save_ms = t.save_ms,
+            stop_ms = t.stop_ms,
+            seal_ms = t.seal_ms,
+            release_ms = t.release_ms,
+            memory = ?layout,
+            "sandbox asleep"
+        );
+        Ok(())
+    }
+
+    /// Wakes a sleeping sandbox: verify the snapshot, restore it, resume,
+    /// and run the guest's wake fix-ups (clock, RNG).
+    pub async fn wake(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, AgentError> {
+        let sandbox = self.lookup(id)?;
+        let span = info_span!("wake_sandbox", %id);
+        self.wake_inner(&sandbox).instrument(span).await?;
+        Ok(sandbox.info())
+    }
+
+    async fn wake_inner(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Result<(), AgentError> {
+        let _lifecycle = sandbox.lifecycle.lock().await;
+        let info = sandbox.info();
+        match info.state {
+            SandboxState::Sleeping => {}
+            SandboxState::Running => return Ok(()),
+            other => return Err(not_running(&info, other)),
+        }
+        let started = Instant::now();
+        let dir = &sandbox.dir;
+        let snapshot = match Snapshot::open(dir.path()) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(self.fail_sandbox(sandbox, format!("its snapshot cannot be used: {e}")));
+            }
+        };
+        if self.config.verify_snapshots
+            && let Err(e) = snapshot.verify()
+        {
+            return Err(
+                self.fail_sandbox(sandbox, format!("its snapshot failed verification: {e}"))
+            );
+        }
+        let verify_ms = started.elapsed().as_millis() as u64;
+        if snapshot.meta().root_disk != sandbox.root_disk_id {
+            return Err(self.fail_sandbox(
+                sandbox,
+                "the image's root disk changed while it slept (it was rebuilt), so its memory no longer matches the disk".into(),
+            ));
+        }
+        let (memory, incoming) = match snapshot.meta().memory {
+            MemoryLayout::File => (
+                MemoryBacking {
+                    path: dir.memory_file(),
+                    shared: true,
+                },
+                Incoming {
+                    state: snapshot.state_path(),
+                    memory_in_file: true,
+                },
+            ),
+            MemoryLayout::Stream => {
+                // RAM comes from the stream into a new memory file of the
+                // sandbox's own: from now on it sleeps the fast way.
+                let _ = std::fs::remove_file(dir.memory_file());
+                (
+                    MemoryBacking {
+                        path: dir.memory_file(),
+                        shared: true,
+                    },
+                    Incoming {
+                        state: snapshot.state_path(),
+                        memory_in_file: false,
+                    },
+                )
+            }
+        };
+        let mut spec = sandbox.spec.clone();
+        spec.memory = memory;
+        let live = match launch::restore_paused(self.vmm.as_ref(), &spec, dir, &incoming).await {
+            Ok(live) => live,
+            // Nothing ran: the snapshot is untouched and the sandbox still
+            // sleeps; the caller may try again.
+            Err(f) => {
+                return Err(AgentError::Vmm {
+                    id: info.id.clone(),
+                    source: crate::vmm::VmmError::Failed {
+                        id: info.id.clone(),
+                        what: f.reason,
+                    },
+                });
+            }
+        };
+        let restore_ms = started.elapsed().as_millis() as u64 - verify_ms;
+        let deadline = Instant::now() + self.config.boot_timeout;
+        let woke = match launch::resume_and_wake(&live, dir, None, deadline).await {
+            Ok(w) => w,
+            Err(f) => {
+                return Err(self.fail_sandbox(
+                    sandbox,
+                    format!(
+                        "it did not come back from sleep: {}\n{}",
+                        f.reason, f.console
+                    ),
+                ));
+            }
+        };
+        // The snapshot is consumed: the VM runs on (and changes) its files.
+        let _ = snapshot.unseal();
+        let _ = std::fs::remove_file(dir.state_file());
+        sandbox.set_memory_mode(MemoryMode::Own);
+        let live = Arc::new(live);
+        sandbox.set_live(Some(live.clone()));
+        sandbox.update(|i| {
+            i.state = SandboxState::Running;
+            i.wake_count += 1;
+        });
+        sandbox.activity.touch();
+        tokio::spawn(watch_vmm(sandbox.clone(), live));
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            verify_ms,
+            restore_ms,
+            clock_step_ms = woke.clock_step_ms,
+            "sandbox awake"
+        );
+        Ok(())
+    }
+
+    /// The sandbox, running: woken first if it sleeps. Counts as activity.
+    pub(crate) async fn awake(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<(Arc<Sandbox>, Arc<LiveVm>), AgentError> {
+        let sandbox = self.lookup(id)?;
+        sandbox.activity.touch();
+        loop {
+            let info = sandbox.info();
+            match info.state {
+                SandboxState::Running => {
+                    if let Some(live) = sandbox.live() {
+                        return Ok((sandbox, live));
+                    }
+                    // A sleep is in progress: wait for it, then wake.
+                    drop(sandbox.lifecycle.lock().await);
+                }
+                SandboxState::Sleeping => {
+                    self.wake_inner(&sandbox).await?;
+                }
+                other => return Err(not_running(&info, other)),
+            }
+        }
+    }
+
+    /// Marks a sandbox failed with `reason` and reclaims its host resources
+    /// (the VM, if any, is already gone or detached).
+    pub(crate) fn fail_sandbox(&self, sandbox: &Arc<Sandbox>, reason: String) -> AgentError {
+        let id = sandbox.info().id;
+        warn!(%id, %reason, "sandbox failed");
+        sandbox.update(|i| {
+            i.state = SandboxState::Failed;
+            i.failure = Some(reason.clone());
+        });
+        if let Err(e) = sandbox.dir.remove() {
+            warn!(%id, error = %e, "cannot remove run directory of failed sandbox");
+        }
+        AgentError::NotRunning {
+            id,
+            state: "failed",
+            detail: format!(": {reason}"),
+        }
+    }
+}
+
+fn not_running(info: &SandboxInfo, state: SandboxState) -> AgentError {
+    AgentError::NotRunning {
+        id: info.id.clone(),
+        state: state.as_str(),
+        detail: info
+            .failure
+            .clone()
+            .map(|f| format!(": {f}"))
+            .unwrap_or_default(),
+    }
+}
+
+/// Marks a sandbox failed and reclaims its host resources when its VMM dies
+/// without being asked to.
+pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
+    let exit = live.vm.wait_exit().await;
+    let still_current = sandbox.live().is_some_and(|l| Arc::ptr_eq(&l, &live));
+    if !still_current || sandbox.state() != SandboxState::Running {
+        return;
+    }
+    sandbox.set_live(None);
+    sandbox.bump_epoch();
+    let console = sandbox.dir.console_tail(30);
+    let failure =
+        format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}");
+    let id = sandbox.info().id;
+    sandbox.update(|i| {
+        i.state = SandboxState::Failed;
+        i.failure = Some(failure);
+    });
+    warn!(%id, vmm = %exit, "sandbox VMM died; sandbox marked failed");
+    if let Err(e) = sandbox.dir.remove() {
+        warn!(%id, error = %e, "cannot remove run directory of failed sandbox");
+    }
+}
+
+/// Puts sandboxes to sleep after their idle timeout: no exec in flight and
+/// no exec or file activity for that long.
+pub(crate) fn spawn_idle_monitor(agent: &Arc<Agent>) {
+    let weak: Weak<Agent> = Arc::downgrade(agent);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let Some(agent) = weak.upgrade() else { return };
+            for sandbox in agent.sandboxes() {
+                let info = sandbox.info();
+                let Some(timeout) = info.idle_timeout else {
+                    continue;
+                };
+                if info.state == SandboxState::Running
+                    && sandbox.activity.inflight() == 0
+                    && sandbox.activity.idle_for() >= timeout
+                {
+                    let agent = agent.clone();
+                    tokio::spawn(async move {
+                        info!(id = %info.id, idle_s = timeout.as_secs(), "idle timeout: putting the sandbox to sleep");
+                        if let Err(e) = agent.sleep(&info.id).await {
+                            warn!(id = %info.id, error = %e, "idle sleep failed");
+                        }
+                    });
+                }
+            }
+        }
+    });
+}

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "somna/v1/files.proto",
         "somna/v1/sandbox.proto",
         "somna/v1/hosts.proto",
+        "somna/v1/images.proto",
         "somna/guest/v1/guest.proto",
     ];
     for f in &files {

@@ -34,6 +34,17 @@ pub trait Host: Send + Sync + 'static {
     /// The host's state: accelerator, counts, templates, warm pools.
     async fn info(&self) -> Result<somna_proto::v1::Host, Status>;
 
+    /// Pulls and converts an image into the host's cache.
+    async fn pull_image(
+        &self,
+        reference: String,
+    ) -> Result<StatusStream<somna_proto::v1::PullImageEvent>, Status>;
+    async fn list_images(&self) -> Result<somna_proto::v1::ListImagesResponse, Status>;
+    async fn remove_image(
+        &self,
+        reference: &str,
+    ) -> Result<somna_proto::v1::RemoveImageResponse, Status>;
+
     /// Runs a process: `start` was the first message of the client's
     /// stream, `rest` are the messages after it.
     async fn exec(

@@ -31,6 +31,7 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(control_plane.service())
         .add_service(control_plane.hosts_service())
+        .add_service(control_plane.images_service())
         .serve_with_incoming_shutdown(
             // Nagle's algorithm would hold small exec frames for up to 40 ms.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -33,6 +33,19 @@ impl ControlPlane {
         }
     }
 
+    /// The images service, ready to add to a server.
+    pub fn images_service(&self) -> somna_proto::v1::images_server::ImagesServer<ControlPlane> {
+        somna_proto::v1::images_server::ImagesServer::new(self.clone())
+    }
+
+    /// The host that serves image calls (images are cached per host; with
+    /// one host that is the host).
+    fn image_host(&self) -> Result<Arc<dyn Host>, Status> {
+        self.registry
+            .place()
+            .ok_or_else(|| Status::unavailable("no host agent is registered"))
+    }
+
     /// The hosts service, ready to add to a server.
     pub fn hosts_service(&self) -> somna_proto::v1::hosts_server::HostsServer<ControlPlane> {
         somna_proto::v1::hosts_server::HostsServer::new(self.clone())
@@ -323,5 +336,42 @@ impl somna_proto::v1::hosts_server::Hosts for ControlPlane {
             hosts.push(host.info().await?);
         }
         Ok(Response::new(somna_proto::v1::ListHostsResponse { hosts }))
+    }
+}
+
+#[tonic::async_trait]
+impl somna_proto::v1::images_server::Images for ControlPlane {
+    type PullImageStream = StatusStream<somna_proto::v1::PullImageEvent>;
+
+    async fn pull_image(
+        &self,
+        request: Request<somna_proto::v1::PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        let reference = request.into_inner().reference;
+        if reference.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "reference is required (e.g. \"busybox\")",
+            ));
+        }
+        Ok(Response::new(
+            self.image_host()?.pull_image(reference).await?,
+        ))
+    }
+
+    async fn list_images(
+        &self,
+        _request: Request<somna_proto::v1::ListImagesRequest>,
+    ) -> Result<Response<somna_proto::v1::ListImagesResponse>, Status> {
+        Ok(Response::new(self.image_host()?.list_images().await?))
+    }
+
+    async fn remove_image(
+        &self,
+        request: Request<somna_proto::v1::RemoveImageRequest>,
+    ) -> Result<Response<somna_proto::v1::RemoveImageResponse>, Status> {
+        let reference = request.into_inner().reference;
+        Ok(Response::new(
+            self.image_host()?.remove_image(&reference).await?,
+        ))
     }
 }

@@ -85,6 +85,21 @@ impl Host for FakeHost {
             ..Default::default()
         })
     }
+    async fn pull_image(&self, reference: String) -> Result<StatusStream<PullImageEvent>, Status> {
+        let done = PullImageEvent {
+            event: Some(pull_image_event::Event::Done(PullDone {
+                reference,
+                ..Default::default()
+            })),
+        };
+        Ok(futures::stream::iter(vec![Ok(done)]).boxed())
+    }
+    async fn list_images(&self) -> Result<ListImagesResponse, Status> {
+        Ok(ListImagesResponse::default())
+    }
+    async fn remove_image(&self, reference: &str) -> Result<RemoveImageResponse, Status> {
+        Err(Status::not_found(format!("image {reference} not found")))
+    }
     async fn exec(
         &self,
         start: ExecStart,
@@ -416,4 +431,37 @@ async fn sleep_wake_and_hosts_are_relayed() {
     assert_eq!(list.hosts.len(), 1);
     assert_eq!(list.hosts[0].id, "fake");
     assert_eq!(list.hosts[0].sandboxes_running, 1);
+}
+
+#[tokio::test]
+async fn image_calls_are_relayed_to_the_host() {
+    let (_host, _client, addr) = start_with_addr().await;
+    let mut images = somna_proto::v1::images_client::ImagesClient::connect(addr)
+        .await
+        .unwrap();
+    let err = images
+        .pull_image(PullImageRequest {
+            reference: " ".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut events = images
+        .pull_image(PullImageRequest {
+            reference: "busybox".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.message().await.unwrap().unwrap();
+    assert!(
+        matches!(first.event, Some(pull_image_event::Event::Done(d)) if d.reference == "busybox")
+    );
+    let err = images
+        .remove_image(RemoveImageRequest {
+            reference: "gone".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }

@@ -152,10 +152,13 @@ impl Agent {
             crate::templates::guest_fingerprint(&guest, &version, accel.accelerator, &kernel_args)
                 .map_err(AgentError::io("fingerprint the guest kernel and initramfs"))?;
 
-        let images = ImageStore::new(ImageStoreConfig {
-            local_dirs: config.image_dirs.clone(),
-            cache_dir: config.image_cache_dir(),
-        })?;
+        let images = ImageStore::with_options(
+            ImageStoreConfig {
+                local_dirs: config.image_dirs.clone(),
+                cache_dir: config.image_cache_dir(),
+            },
+            config.images.clone(),
+        )?;
         let templates =
             TemplateStore::open(&config.templates_dir()).map_err(AgentError::Snapshot)?;
         let stale = templates.remove_stale(&guest_fingerprint);
@@ -345,6 +348,7 @@ impl Agent {
                 run_dir: dir.path().to_path_buf(),
             }),
             root_disk_id: crate::templates::root_disk_id(root),
+            _image_lease: self.images.lease(image),
             image_config: image.config.clone(),
             spec,
             live: std::sync::Mutex::new(None),

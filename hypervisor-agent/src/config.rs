@@ -98,6 +98,8 @@ pub struct AgentConfig {
     /// Check snapshot checksums before every wake (and templates once per
     /// agent process).
     pub verify_snapshots: bool,
+    /// Registries, cache budget, size limits and root disk format.
+    pub images: somna_images::ImageStoreOptions,
 }
 
 /// A warm pool: `size` VMs of `image` kept restored and paused.
@@ -148,6 +150,7 @@ impl AgentConfig {
             templates: true,
             warm_pools: Vec::new(),
             verify_snapshots: true,
+            images: somna_images::ImageStoreOptions::default(),
         }
     }
 

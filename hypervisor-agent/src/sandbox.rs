@@ -175,6 +175,9 @@ pub(crate) struct Sandbox {
     pub(crate) spec: VmSpec,
     /// Identity of the root disk it runs on (see `TemplateInputs`).
     pub(crate) root_disk_id: String,
+    /// Keeps the image (and its root disk) out of garbage collection for
+    /// as long as the sandbox exists, asleep or awake.
+    pub(crate) _image_lease: somna_images::ImageLease,
     pub(crate) live: Mutex<Option<Arc<LiveVm>>>,
     pub(crate) memory: Mutex<MemoryMode>,
     /// Serialises sleep, wake and destroy.

@@ -12,6 +12,7 @@ use somna_controlplane::{Host, StatusStream};
 use somna_hypervisor_agent::{
     Agent, HostInfo, SandboxInfo, SandboxRequest, SandboxState, StartMode,
 };
+use somna_images::{ImageSource, PullEvent};
 use somna_proto::v1::{
     self as proto, CreateSandboxRequest, ExecRequest, ExecResponse, ExecStart, FileChunk, FileInfo,
     ListFilesRequest, ListFilesResponse, MakeDirRequest, ReadFileRequest, RemoveFileRequest,
@@ -171,6 +172,116 @@ impl Host for LocalHost {
 
     async fn info(&self) -> Result<proto::Host, Status> {
         Ok(host_to_proto(self.agent.host_info()))
+    }
+
+    async fn pull_image(
+        &self,
+        reference: String,
+    ) -> Result<StatusStream<proto::PullImageEvent>, Status> {
+        use proto::pull_image_event::Event;
+        let (tx, rx) =
+            tokio::sync::mpsc::unbounded_channel::<Result<proto::PullImageEvent, Status>>();
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let send = |e: Event| {
+                let _ = tx.send(Ok(proto::PullImageEvent { event: Some(e) }));
+            };
+            let progress = |e: Option<PullEvent>| match e {
+                Some(PullEvent::Resolved {
+                    reference,
+                    manifest_digest,
+                    layers,
+                }) => send(Event::Resolved(proto::PullResolved {
+                    reference,
+                    digest: manifest_digest.to_string(),
+                    layers: layers
+                        .into_iter()
+                        .map(|(d, size)| proto::LayerProgress {
+                            digest: d.to_string(),
+                            total_bytes: size,
+                            ..Default::default()
+                        })
+                        .collect(),
+                })),
+                Some(PullEvent::Layer {
+                    digest,
+                    done,
+                    total,
+                    cached,
+                }) => send(Event::Layer(proto::LayerProgress {
+                    digest: digest.to_string(),
+                    done_bytes: done,
+                    total_bytes: total,
+                    cached,
+                })),
+                Some(_) => {}
+                None => send(Event::Converting(proto::PullConverting {})),
+            };
+            match agent.pull_image(&reference, &progress).await {
+                Ok(p) => {
+                    use std::os::unix::fs::MetadataExt;
+                    let disk_bytes = std::fs::metadata(&p.root_disk.path)
+                        .map(|m| m.blocks() * 512)
+                        .unwrap_or(0);
+                    send(Event::Done(proto::PullDone {
+                        reference: p.reference,
+                        digest: p.digest,
+                        downloaded_bytes: p.downloaded_bytes,
+                        disk_bytes,
+                        pull_ms: p.pull_ms,
+                        convert_ms: p.convert_ms,
+                    }));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_status()));
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
+    }
+
+    async fn list_images(&self) -> Result<proto::ListImagesResponse, Status> {
+        let ts = |t: SystemTime| Some(prost_types::Timestamp::from(t));
+        let images = self
+            .agent
+            .list_images()
+            .into_iter()
+            .map(|i| proto::ImageRecord {
+                reference: i.reference,
+                digest: i.manifest_digest.to_string(),
+                source: match i.source {
+                    ImageSource::Registry { .. } => "registry",
+                    ImageSource::OciLayout { .. } => "oci-layout",
+                    ImageSource::DockerArchive { .. } => "docker-archive",
+                    _ => "local-layout",
+                }
+                .to_string(),
+                size_bytes: i.size_bytes,
+                disk_bytes: i.disk_bytes.unwrap_or(0),
+                created_at: ts(i.created),
+                last_used_at: ts(i.last_used),
+                in_use: i.in_use as u32,
+            })
+            .collect();
+        let s = self.agent.image_stats();
+        Ok(proto::ListImagesResponse {
+            images,
+            stats: Some(proto::ImageStats {
+                pulls: s.pulls,
+                imports: s.imports,
+                blob_downloads: s.blob_downloads,
+                bytes_downloaded: s.bytes_downloaded,
+                conversions: s.conversions,
+            }),
+        })
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<proto::RemoveImageResponse, Status> {
+        let r = self.agent.remove_image(reference).await?;
+        Ok(proto::RemoveImageResponse {
+            removed: r.references,
+            freed_bytes: r.freed_bytes,
+        })
     }
 
     async fn exec(

@@ -5,6 +5,7 @@
 mod cp;
 mod exec;
 mod host;
+mod image;
 mod local_host;
 mod output;
 mod sandbox;
@@ -41,6 +42,9 @@ enum Command {
     /// Hosts, their templates and warm pools.
     #[command(subcommand)]
     Host(host::HostCommand),
+    /// Pull, list and remove images in the host's cache.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args, cli.json).await.map(|()| 0),
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.addr, cli.json).await,
             Command::Host(cmd) => host::run(cmd, &cli.addr, cli.json).await,
+            Command::Image(cmd) => image::run(cmd, &cli.addr, cli.json).await,
         }
     });
     // Do not wait for blocking readers (e.g. a stdin pump) to finish.

@@ -44,6 +44,20 @@ pub struct UpArgs {
     /// Do not build template snapshots (every create boots).
     #[arg(long)]
     no_templates: bool,
+    /// Never contact a registry: only local layouts, oci: and
+    /// docker-archive: images.
+    #[arg(long)]
+    no_registries: bool,
+    /// Registry for names without one (default docker.io).
+    #[arg(long)]
+    default_registry: Option<String>,
+    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Keep the image cache under this many MiB (least recently used
+    /// images that no sandbox uses are removed).
+    #[arg(long)]
+    image_cache_mib: Option<u64>,
 }
 
 pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
@@ -77,6 +91,12 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
     config.accel = args.accel;
     config.warm_pools = args.warm_pools;
     config.templates = !args.no_templates;
+    config.images.registry.enabled = !args.no_registries;
+    if let Some(r) = args.default_registry {
+        config.images.registry.default_registry = r;
+    }
+    config.images.registry.insecure_registries = args.insecure_registries;
+    config.images.cache_budget_bytes = args.image_cache_mib.map(|m| m * 1024 * 1024);
 
     let agent = Agent::start(config)
         .await

@@ -137,6 +137,36 @@ impl Client {
         Ok(self.rpc().wake_sandbox(req).await?.into_inner())
     }
 
+    /// Pulls and converts an image on the host; the stream carries the
+    /// progress events and ends with `done` (or an error).
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+    ) -> Result<tonic::Streaming<proto::PullImageEvent>> {
+        let mut images = proto::images_client::ImagesClient::new(self.channel.clone());
+        let req = proto::PullImageRequest {
+            reference: reference.to_string(),
+        };
+        Ok(images.pull_image(req).await?.into_inner())
+    }
+
+    /// Cached images and the host's pull/conversion counters.
+    pub async fn list_images(&self) -> Result<proto::ListImagesResponse> {
+        let mut images = proto::images_client::ImagesClient::new(self.channel.clone());
+        Ok(images
+            .list_images(proto::ListImagesRequest {})
+            .await?
+            .into_inner())
+    }
+
+    pub async fn remove_image(&self, reference: &str) -> Result<proto::RemoveImageResponse> {
+        let mut images = proto::images_client::ImagesClient::new(self.channel.clone());
+        let req = proto::RemoveImageRequest {
+            reference: reference.to_string(),
+        };
+        Ok(images.remove_image(req).await?.into_inner())
+    }
+
     /// The hosts, with their templates and warm pools.
     pub async fn list_hosts(&self) -> Result<Vec<proto::Host>> {
         let mut hosts = proto::hosts_client::HostsClient::new(self.channel.clone());

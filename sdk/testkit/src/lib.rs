@@ -3,6 +3,10 @@
 //! real microVMs, and a cleanup that leaves no VMM process or file behind —
 //! also when the test fails or the platform was killed.
 
+mod registry;
+
+pub use registry::Registry;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,6 +61,10 @@ pub struct Options {
     /// Build template snapshots (off by default: each create then cold
     /// boots, and no background build competes with the test's VMs).
     pub templates: bool,
+    /// Registries reachable over plain HTTP (loopback test registries).
+    /// With none, the platform contacts no registry at all; with some,
+    /// unqualified names go to a dead loopback address, never off the host.
+    pub insecure_registries: Vec<String>,
     /// Extra arguments for `somna up`.
     pub extra_args: Vec<String>,
 }
@@ -68,6 +76,7 @@ impl Options {
             artifacts: Artifacts::from_env(),
             accel: "tcg".into(),
             templates: false,
+            insecure_registries: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -121,6 +130,7 @@ impl Platform {
             } else {
                 &["--no-templates"][..]
             })
+            .args(registry_args(&o.insecure_registries))
             .args(&o.extra_args)
             .env(
                 "SOMNA_LOG",
@@ -243,6 +253,19 @@ impl Drop for Platform {
             }
         }
     }
+}
+
+fn registry_args(insecure: &[String]) -> Vec<String> {
+    if insecure.is_empty() {
+        return vec!["--no-registries".into()];
+    }
+    // Port 9 (discard) on loopback: nothing listens, nothing leaves the host.
+    let mut args = vec!["--default-registry".to_string(), "127.0.0.1:9".to_string()];
+    for r in insecure {
+        args.push("--insecure-registry".into());
+        args.push(r.clone());
+    }
+    args
 }
 
 /// Live processes with an argument containing `path`.

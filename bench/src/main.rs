@@ -5,6 +5,9 @@
 //!   somna-bench exec-rtt [--runs 200]      exec of `true` on a running sandbox
 //!   somna-bench stat-rtt [--runs 200]      file stat: the channel alone
 //!   somna-bench files [--size-mib 100]     file write/read throughput
+//!   somna-bench sleep-wake [--runs 20]     sleep, wake, wake-on-exec latency
+//!   somna-bench create-modes [--runs 20]   cold boot vs template vs warm pool
+//!   somna-bench memory [--clones 10]       host memory: running, asleep, clones
 //!
 //! Without `--addr` each run starts its own `somna up` (the binary next to
 //! this one) on the artifacts from `scripts/setup.sh build`.
@@ -14,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
+
+mod lifecycle;
 use somna_sdk::{Client, Command, CreateOptions};
 use somna_testkit::{Options, Platform};
 
@@ -47,6 +52,18 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         runs: usize,
     },
+    SleepWake {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    CreateModes {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    Memory {
+        #[arg(long, default_value_t = 10)]
+        clones: usize,
+    },
     Files {
         #[arg(long, default_value_t = 100)]
         size_mib: usize,
@@ -56,7 +73,7 @@ enum Bench {
 }
 
 /// p-th percentile (nearest rank) of sorted samples, in milliseconds.
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -64,7 +81,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
-fn summary(
+pub(crate) fn summary(
     name: &str,
     accelerator: &str,
     mut samples: Vec<Duration>,
@@ -89,7 +106,7 @@ fn summary(
     v
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -102,6 +119,10 @@ async fn main() -> anyhow::Result<()> {
             let somna = std::env::current_exe()?.with_file_name("somna");
             let mut opts = Options::new(somna);
             opts.accel = cli.accel.clone();
+            opts.templates = true;
+            if matches!(cli.bench, Bench::CreateModes { .. }) {
+                opts.extra_args = vec!["--warm-pool".into(), format!("{}=1", cli.image)];
+            }
             Some(Platform::start(opts))
         }
     };
@@ -115,6 +136,14 @@ async fn main() -> anyhow::Result<()> {
         Bench::ColdBoot { runs } => cold_boot(&client, &cli.image, runs).await?,
         Bench::ExecRtt { runs } => exec_rtt(&client, &cli.image, runs).await?,
         Bench::StatRtt { runs } => stat_rtt(&client, &cli.image, runs).await?,
+        Bench::SleepWake { runs } => lifecycle::sleep_wake(&client, &cli.image, runs).await?,
+        Bench::CreateModes { runs } => lifecycle::create_modes(&client, &cli.image, runs).await?,
+        Bench::Memory { clones } => {
+            let p = platform
+                .as_ref()
+                .context("the memory benchmark needs its own platform (no --addr)")?;
+            lifecycle::memory(&client, p, &cli.image, clones).await?
+        }
         Bench::Files { size_mib, runs } => files(&client, &cli.image, size_mib, runs).await?,
     };
     println!("{result}");
@@ -131,7 +160,11 @@ async fn cold_boot(client: &Client, image: &str, runs: usize) -> anyhow::Result<
     let mut guest_boot = Vec::new();
     for _ in 0..runs {
         let start = Instant::now();
-        let sb = client.create_sandbox(CreateOptions::new(image)).await?;
+        let sb = client
+            .create_sandbox(
+                CreateOptions::new(image).start_mode(somna_sdk::proto::StartMode::ColdBoot),
+            )
+            .await?;
         let out = sb.exec(Command::new("true")).await?;
         samples.push(start.elapsed());
         anyhow::ensure!(out.exit_code == 0, "true failed: {out:?}");

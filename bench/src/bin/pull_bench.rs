@@ -2,7 +2,7 @@
 //! for ext4 and for erofs root disks, and the second use of the image.
 //! Prints one JSON line.
 //!
-//!     cargo run --release -p somna-images --example pull_bench [-- LAYOUT]
+//!     target/release/pull-bench [LAYOUT]
 //!
 //! SOMNA_BENCH_RUNS (default 3) cold runs per format, alternating; the
 //! medians are reported.
@@ -13,53 +13,14 @@
 //! at the end. Read throughput is measured by loop-mounting each disk
 //! read-only after dropping the page cache (skipped where that fails).
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use serde_json::json;
 use somna_images::{ImageStore, ImageStoreConfig, ImageStoreOptions, RegistryConfig, RootFsFormat};
 
-struct Registry(Child);
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 type BoxError = Box<dyn std::error::Error>;
-
-fn start_registry(dir: &Path) -> Result<(Registry, String), BoxError> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("data").display()
-        ),
-    )?;
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let reg = Registry(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline {
-            return Err("docker-registry did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((reg, addr))
-}
 
 /// Reads every file of a loop-mounted disk from a cold page cache:
 /// (seconds, bytes).
@@ -117,20 +78,9 @@ async fn main() -> Result<(), BoxError> {
     let work = tempfile::Builder::new()
         .prefix("somna-pull-bench")
         .tempdir()?;
-    let (_registry, addr) = start_registry(work.path())?;
-    let pushed = Command::new("skopeo")
-        .args([
-            "copy",
-            "--insecure-policy",
-            "--quiet",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("oci:{}:latest", layout.display()))
-        .arg(format!("docker://{addr}/python:latest"))
-        .status()?;
-    if !pushed.success() {
-        return Err("skopeo copy failed".into());
-    }
+    let registry = somna_testkit::Registry::start();
+    registry.push_layout(&layout, "latest", "python:latest");
+    let addr = registry.addr.clone();
     let reference = format!("{addr}/python:latest");
 
     let runs: usize = std::env::var("SOMNA_BENCH_RUNS")

@@ -14,6 +14,7 @@ async fn registry_images_are_pulled_once_cached_and_protected() {
         "latest",
         "tools/busybox:1",
     );
+    registry.push_layout(&artifacts.image_dir.join("python"), "latest", "lang/python:3");
     let reference = registry.reference("tools/busybox:1");
 
     let mut opts = Options::new(env!("CARGO_BIN_EXE_somna"));
@@ -85,6 +86,15 @@ async fn registry_images_are_pulled_once_cached_and_protected() {
     assert!(done["downloaded_bytes"].as_u64().unwrap() > 0);
     let out = p.cli().args(["image", "ls"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("tools/busybox:1"));
+
+    // The python image, through the registry too.
+    let py = client
+        .create_sandbox(CreateOptions::new(registry.reference("lang/python:3")))
+        .await
+        .unwrap();
+    let out = py.exec(Command::from_argv(["python3", "-c", "print(2**100)"])).await.unwrap();
+    assert_eq!(out.stdout, b"1267650600228229401496703205376\n");
+    py.destroy().await.unwrap();
 
     // A tag the registry does not have, and a registry that is not there.
     match client

@@ -295,6 +295,7 @@ impl Agent {
                     serial: "somna-rw".into(),
                 },
             ],
+            net: None,
             channel: self.vmm.channel(),
             accelerator: self.accel.accelerator,
         }

@@ -80,6 +80,20 @@ pub struct MemoryBacking {
     pub shared: bool,
 }
 
+/// The VM's network device: a TAP device prepared by netd (in the slot's
+/// network namespace) and the guest MAC address. The guest side (IP, MAC)
+/// is the same on every slot, so a snapshot restores on any slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The TAP device's name.
+    pub tap: String,
+    /// The network namespace the TAP lives in (`/run/netns/<name>`), if not
+    /// the VMM's own.
+    pub netns: Option<PathBuf>,
+    /// The guest NIC's MAC address, `02:..` form.
+    pub mac: String,
+}
+
 /// Restore instead of boot: the VMM starts paused and loads this state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
@@ -102,6 +116,8 @@ pub struct VmSpec {
     /// The complete kernel command line.
     pub cmdline: String,
     pub disks: Vec<DiskSpec>,
+    /// No network device when None (loopback only in the guest).
+    pub net: Option<NetSpec>,
     pub channel: ChannelKind,
     pub accelerator: Accelerator,
 }

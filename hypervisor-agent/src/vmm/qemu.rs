@@ -499,6 +499,7 @@ mod tests {
                     serial: "somna-rw".into(),
                 },
             ],
+            net: None,
             channel,
             accelerator: accel,
         }

@@ -131,7 +131,10 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| platform.as_ref().map(|p| p.addr.clone()))
         .context("no address")?;
-    let client = Client::connect(&addr).await?;
+    let client = match &platform {
+        Some(p) => Client::connect_with_key(&addr, Some(&p.api_key)).await?,
+        None => Client::connect(&addr).await?,
+    };
     let result = match cli.bench {
         Bench::ColdBoot { runs } => cold_boot(&client, &cli.image, runs).await?,
         Bench::ExecRtt { runs } => exec_rtt(&client, &cli.image, runs).await?,

@@ -22,9 +22,10 @@ pub trait Host: Send + Sync + 'static {
     /// The host's name.
     fn id(&self) -> &str;
 
-    /// Boots a sandbox; returns once it accepts exec. The request's
-    /// `timeout_seconds` is the control plane's business and is ignored.
-    async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<Sandbox, Status>;
+    /// Boots sandbox `id` (chosen by the control plane); returns once it
+    /// accepts exec. The request's `timeout_seconds`, `labels` and
+    /// `request_id` are the control plane's business and are ignored.
+    async fn create_sandbox(&self, id: &str, req: CreateSandboxRequest) -> Result<Sandbox, Status>;
     async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
     async fn list_sandboxes(&self) -> Result<Vec<Sandbox>, Status>;
     async fn destroy_sandbox(&self, id: &str) -> Result<(), Status>;

@@ -1,19 +1,30 @@
 //! The Somna control plane: the public `somna.v1` gRPC API that clients,
 //! SDKs and the CLI talk to.
 //!
-//! It owns the sandbox registry (which host runs which sandbox), placement of
-//! new sandboxes onto hosts, and sandbox lifetimes (timeouts). Hosts are
-//! reached through the [`Host`] trait; `somna up` plugs in the host agent of
-//! the same process.
+//! It owns API keys and tenants ([`auth`]), the durable state of sandboxes
+//! and hosts ([`store`]: SQLite or PostgreSQL), placement ([`scheduler`]),
+//! sandbox lifecycles (timeouts, host loss), and the connections to host
+//! agents: in-process for `somna up`, or agents that dial in and serve the
+//! host protocol over their connection ([`tunnel`], [`remote`]). Hosts are
+//! reached through the [`Host`] trait.
 
+mod api;
+pub mod auth;
 mod host;
-mod registry;
+mod hosts;
+mod lifecycle;
+pub mod remote;
+pub mod scheduler;
 mod service;
+pub mod store;
+pub mod tunnel;
+pub mod validate;
 
 use std::future::Future;
 
 pub use host::{Host, StatusStream};
-pub use service::ControlPlane;
+pub use remote::{RemoteHost, host_agent_service};
+pub use service::{ControlPlane, ControlPlaneConfig};
 
 /// HTTP/2 windows sized so one file transfer is not throttled by window
 /// updates.

@@ -1,6 +1,8 @@
-//! Control-plane tests against a recording test double of a host, through
-//! the real gRPC server on loopback.
+//! Control-plane tests against recording test doubles of hosts, through the
+//! real gRPC server on loopback, with a real SQLite store.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,88 +11,100 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use somna_proto::v1::sandboxes_client::SandboxesClient;
 use somna_proto::v1::*;
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::{ControlPlane, Host, StatusStream};
+use crate::store::{Store, TenantQuotas};
+use crate::{ControlPlane, ControlPlaneConfig, Host, StatusStream};
 
-#[derive(Default)]
+/// A host that keeps sandboxes as records; `down` makes it stop answering.
 struct FakeHost {
-    created: Mutex<Vec<String>>,
-    destroyed: Mutex<Vec<String>>,
-    notify: tokio::sync::Notify,
+    id: String,
+    sandboxes: Mutex<HashMap<String, Sandbox>>,
+    down: AtomicBool,
 }
 
 impl FakeHost {
-    fn destroyed(&self) -> Vec<String> {
-        self.destroyed.lock().unwrap().clone()
+    fn new(id: &str) -> Arc<FakeHost> {
+        Arc::new(FakeHost {
+            id: id.into(),
+            sandboxes: Mutex::new(HashMap::new()),
+            down: AtomicBool::new(false),
+        })
     }
-    fn live(&self) -> Vec<String> {
-        let destroyed = self.destroyed();
-        self.created
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|id| !destroyed.contains(id))
-            .cloned()
-            .collect()
+    fn check(&self) -> Result<(), Status> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(Status::unavailable("host down"))
+        } else {
+            Ok(())
+        }
     }
-}
-
-fn sandbox(id: &str) -> Sandbox {
-    Sandbox {
-        id: id.into(),
-        image: "busybox".into(),
-        state: SandboxState::Running as i32,
-        ..Default::default()
+    fn count(&self) -> usize {
+        self.sandboxes.lock().unwrap().len()
     }
 }
 
 #[async_trait]
 impl Host for FakeHost {
     fn id(&self) -> &str {
-        "fake"
+        &self.id
     }
-    async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<Sandbox, Status> {
+    async fn create_sandbox(&self, id: &str, req: CreateSandboxRequest) -> Result<Sandbox, Status> {
+        self.check()?;
         if req.image == "missing" {
             return Err(Status::not_found("image missing not found"));
         }
-        let mut created = self.created.lock().unwrap();
-        let id = format!("sbx-{}", created.len());
-        created.push(id.clone());
-        Ok(sandbox(&id))
-    }
-    async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
-        Ok(sandbox(id))
-    }
-    async fn list_sandboxes(&self) -> Result<Vec<Sandbox>, Status> {
-        Ok(self.live().iter().map(|id| sandbox(id)).collect())
-    }
-    async fn destroy_sandbox(&self, id: &str) -> Result<(), Status> {
-        self.destroyed.lock().unwrap().push(id.to_string());
-        self.notify.notify_waiters();
-        Ok(())
-    }
-    async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
-        let mut s = sandbox(id);
-        s.state = SandboxState::Sleeping as i32;
+        let s = Sandbox {
+            id: id.into(),
+            image: req.image,
+            state: SandboxState::Running as i32,
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            ..Default::default()
+        };
+        self.sandboxes.lock().unwrap().insert(id.into(), s.clone());
         Ok(s)
     }
+    async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
+        self.check()?;
+        self.sandboxes.lock().unwrap().get(id).cloned().ok_or_else(|| Status::not_found(id.to_string()))
+    }
+    async fn list_sandboxes(&self) -> Result<Vec<Sandbox>, Status> {
+        self.check()?;
+        Ok(self.sandboxes.lock().unwrap().values().cloned().collect())
+    }
+    async fn destroy_sandbox(&self, id: &str) -> Result<(), Status> {
+        self.check()?;
+        self.sandboxes.lock().unwrap().remove(id).map(|_| ()).ok_or_else(|| Status::not_found(id.to_string()))
+    }
+    async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
+        self.check()?;
+        let mut m = self.sandboxes.lock().unwrap();
+        let s = m.get_mut(id).ok_or_else(|| Status::not_found(id.to_string()))?;
+        s.state = SandboxState::Sleeping as i32;
+        Ok(s.clone())
+    }
     async fn wake_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
-        Ok(sandbox(id))
+        self.check()?;
+        let mut m = self.sandboxes.lock().unwrap();
+        let s = m.get_mut(id).ok_or_else(|| Status::not_found(id.to_string()))?;
+        s.state = SandboxState::Running as i32;
+        Ok(s.clone())
     }
     async fn info(&self) -> Result<somna_proto::v1::Host, Status> {
+        self.check()?;
         Ok(somna_proto::v1::Host {
-            id: "fake".into(),
-            sandboxes_running: self.live().len() as u32,
+            id: self.id.clone(),
+            cpus: 4,
+            memory_mib: 8192,
             ..Default::default()
         })
     }
     async fn pull_image(&self, reference: String) -> Result<StatusStream<PullImageEvent>, Status> {
         let done = PullImageEvent {
-            event: Some(pull_image_event::Event::Done(PullDone {
-                reference,
-                ..Default::default()
-            })),
+            event: Some(pull_image_event::Event::Done(PullDone { reference, ..Default::default() })),
         };
         Ok(futures::stream::iter(vec![Ok(done)]).boxed())
     }
@@ -100,41 +114,22 @@ impl Host for FakeHost {
     async fn remove_image(&self, reference: &str) -> Result<RemoveImageResponse, Status> {
         Err(Status::not_found(format!("image {reference} not found")))
     }
-    async fn exec(
-        &self,
-        start: ExecStart,
-        rest: BoxStream<'static, ExecRequest>,
-    ) -> Result<StatusStream<ExecResponse>, Status> {
+    async fn exec(&self, start: ExecStart, rest: BoxStream<'static, ExecRequest>) -> Result<StatusStream<ExecResponse>, Status> {
         // Echo: argv joined, then every stdin chunk, then exit 0.
-        let head = ExecResponse {
-            event: Some(exec_response::Event::Stdout(
-                start.argv.join(" ").into_bytes(),
-            )),
-        };
+        let head = ExecResponse { event: Some(exec_response::Event::Stdout(start.argv.join(" ").into_bytes())) };
         let echoed = rest.filter_map(|m| async move {
             match m.msg {
-                Some(exec_request::Msg::Stdin(b)) => Some(Ok(ExecResponse {
-                    event: Some(exec_response::Event::Stdout(b)),
-                })),
+                Some(exec_request::Msg::Stdin(b)) => Some(Ok(ExecResponse { event: Some(exec_response::Event::Stdout(b)) })),
                 _ => None,
             }
         });
-        let exit = ExecResponse {
-            event: Some(exec_response::Event::Exit(ExecExit::default())),
-        };
-        Ok(futures::stream::once(async { Ok(head) })
-            .chain(echoed)
-            .chain(futures::stream::once(async { Ok(exit) }))
-            .boxed())
+        let exit = ExecResponse { event: Some(exec_response::Event::Exit(ExecExit::default())) };
+        Ok(futures::stream::once(async { Ok(head) }).chain(echoed).chain(futures::stream::once(async { Ok(exit) })).boxed())
     }
     async fn read_file(&self, _req: ReadFileRequest) -> Result<StatusStream<FileChunk>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn write_file(
-        &self,
-        start: WriteFileStart,
-        rest: BoxStream<'static, WriteFileRequest>,
-    ) -> Result<WriteFileResponse, Status> {
+    async fn write_file(&self, start: WriteFileStart, rest: BoxStream<'static, WriteFileRequest>) -> Result<WriteFileResponse, Status> {
         let size: usize = rest
             .map(|m| match m.msg {
                 Some(write_file_request::Msg::Data(d)) => d.len(),
@@ -142,28 +137,16 @@ impl Host for FakeHost {
             })
             .fold(0, |a, b| async move { a + b })
             .await;
-        Ok(WriteFileResponse {
-            file: Some(FileInfo {
-                path: start.path,
-                size: size as u64,
-                ..Default::default()
-            }),
-        })
+        Ok(WriteFileResponse { file: Some(FileInfo { path: start.path, size: size as u64, ..Default::default() }) })
     }
     async fn stat_file(&self, req: StatFileRequest) -> Result<FileInfo, Status> {
-        Ok(FileInfo {
-            path: req.path,
-            ..Default::default()
-        })
+        Ok(FileInfo { path: req.path, ..Default::default() })
     }
     async fn list_files(&self, _req: ListFilesRequest) -> Result<ListFilesResponse, Status> {
         Ok(ListFilesResponse::default())
     }
     async fn make_dir(&self, req: MakeDirRequest) -> Result<FileInfo, Status> {
-        Ok(FileInfo {
-            path: req.path,
-            ..Default::default()
-        })
+        Ok(FileInfo { path: req.path, ..Default::default() })
     }
     async fn remove_file(&self, _req: RemoveFileRequest) -> Result<(), Status> {
         Ok(())
@@ -173,160 +156,293 @@ impl Host for FakeHost {
     }
 }
 
-async fn start() -> (Arc<FakeHost>, SandboxesClient<tonic::transport::Channel>) {
-    let (host, client, _) = start_with_addr().await;
-    (host, client)
-}
+#[derive(Clone)]
+struct Key(Option<MetadataValue<Ascii>>);
 
-async fn start_with_addr() -> (
-    Arc<FakeHost>,
-    SandboxesClient<tonic::transport::Channel>,
-    String,
-) {
-    let host = Arc::new(FakeHost::default());
-    let cp = ControlPlane::new(vec![host.clone() as Arc<dyn Host>]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(crate::serve(cp, listener, std::future::pending()));
-    let client = SandboxesClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    (host, client, format!("http://{addr}"))
-}
-
-fn create(image: &str, timeout_seconds: u64) -> CreateSandboxRequest {
-    CreateSandboxRequest {
-        image: image.into(),
-        timeout_seconds,
-        ..Default::default()
+impl tonic::service::Interceptor for Key {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
     }
+}
+
+type Client = SandboxesClient<InterceptedService<Channel, Key>>;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Store,
+    cp: ControlPlane,
+    addr: String,
+    key: String,
+}
+
+impl Env {
+    async fn start(hosts: &[Arc<FakeHost>]) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("state.db").display())).await.unwrap();
+        Self::on(dir, store, hosts).await
+    }
+
+    async fn on(dir: tempfile::TempDir, store: Store, hosts: &[Arc<FakeHost>]) -> Env {
+        let tenant = store.ensure_tenant("default", None).await.unwrap();
+        let key = crate::auth::create_key(&store, &tenant.id).await.unwrap().key;
+        let config = ControlPlaneConfig {
+            heartbeat: Duration::from_millis(100),
+            lost_after: Duration::from_millis(600),
+            ..Default::default()
+        };
+        let cp = ControlPlane::new(store.clone(), config);
+        for h in hosts {
+            cp.attach_host(h.clone() as Arc<dyn Host>).await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(crate::serve(cp.clone(), listener, std::future::pending()));
+        Env { _dir: dir, store, cp, addr, key }
+    }
+
+    async fn client_with(&self, key: Option<&str>) -> Client {
+        let channel = Channel::from_shared(self.addr.clone()).unwrap().connect().await.unwrap();
+        let value = key.map(|k| format!("Bearer {k}").parse().unwrap());
+        SandboxesClient::with_interceptor(channel, Key(value))
+    }
+
+    async fn client(&self) -> Client {
+        let key = self.key.clone();
+        self.client_with(Some(&key)).await
+    }
+
+    /// A second tenant's client.
+    async fn other_tenant(&self, quotas: Option<TenantQuotas>) -> Client {
+        let t = self.store.ensure_tenant("other", quotas).await.unwrap();
+        let k = crate::auth::create_key(&self.store, &t.id).await.unwrap().key;
+        self.client_with(Some(&k)).await
+    }
+}
+
+fn create(image: &str) -> CreateSandboxRequest {
+    CreateSandboxRequest { image: image.into(), ..Default::default() }
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) -> bool {
+    for _ in 0..100 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn keys_are_required_and_checked() {
+    let env = Env::start(&[FakeHost::new("h1")]).await;
+    let mut anon = env.client_with(None).await;
+    let err = anon.list_sandboxes(ListSandboxesRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut wrong = env.client_with(Some("somna_nope_nope")).await;
+    assert_eq!(wrong.get_sandbox(GetSandboxRequest { id: "x".into() }).await.unwrap_err().code(), Code::Unauthenticated);
 }
 
 #[tokio::test]
 async fn create_validates_and_maps_errors() {
-    let (_host, mut client) = start().await;
-    let err = client.create_sandbox(create("", 0)).await.unwrap_err();
+    let env = Env::start(&[FakeHost::new("h1")]).await;
+    let mut c = env.client().await;
+    let err = c.create_sandbox(create("")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("image"), "{}", err.message());
-
-    let err = client
-        .create_sandbox(create("busybox", 10 * 365 * 24 * 3600))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("timeout_seconds"),
-        "{}",
-        err.message()
-    );
-
-    let err = client
-        .create_sandbox(create("missing", 0))
-        .await
-        .unwrap_err();
+    assert!(err.message().starts_with("image"), "{}", err.message());
+    let mut r = create("busybox");
+    r.timeout_seconds = 10 * 365 * 24 * 3600;
+    let err = c.create_sandbox(r).await.unwrap_err();
+    assert!(err.message().starts_with("timeout_seconds"), "{}", err.message());
+    let err = c.create_sandbox(create("missing")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    // The failed create left no row.
+    assert!(c.list_sandboxes(ListSandboxesRequest::default()).await.unwrap().into_inner().sandboxes.is_empty());
 }
 
 #[tokio::test]
-async fn unknown_sandbox_is_not_found_and_empty_id_is_invalid() {
-    let (_host, mut client) = start().await;
-    let err = client
-        .get_sandbox(GetSandboxRequest {
-            id: "sbx-nope".into(),
-        })
-        .await
-        .unwrap_err();
+async fn tenants_only_see_their_own_and_quotas_hold() {
+    let env = Env::start(&[FakeHost::new("h1")]).await;
+    let mut a = env.client().await;
+    let sb = a.create_sandbox(create("busybox")).await.unwrap().into_inner();
+    let mut b = env.other_tenant(Some(TenantQuotas { max_sandboxes: 1, max_vcpus: 2, max_memory_mib: 1024 })).await;
+    let err = b.get_sandbox(GetSandboxRequest { id: sb.id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("sbx-nope"));
-    let err = client
-        .stat_file(StatFileRequest {
-            sandbox_id: String::new(),
-            path: "/".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let err = client
-        .destroy_sandbox(DestroySandboxRequest {
-            id: "sbx-nope".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert!(b.list_sandboxes(ListSandboxesRequest::default()).await.unwrap().into_inner().sandboxes.is_empty());
+    let exec = vec![ExecRequest {
+        msg: Some(exec_request::Msg::Start(ExecStart { sandbox_id: sb.id.clone(), argv: vec!["true".into()], ..Default::default() })),
+    }];
+    assert_eq!(b.exec(futures::stream::iter(exec)).await.unwrap_err().code(), Code::NotFound);
+
+    b.create_sandbox(create("busybox")).await.unwrap();
+    let err = b.create_sandbox(create("busybox")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("sandboxes"), "{}", err.message());
+    let mut big = create("busybox");
+    big.memory_mib = 4096;
+    let mut c = env.other_tenant(Some(TenantQuotas { max_sandboxes: 10, max_vcpus: 2, max_memory_mib: 1024 })).await;
+    let err = c.create_sandbox(big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("memory"), "{}", err.message());
 }
 
 #[tokio::test]
-async fn timeout_destroys_the_sandbox() {
-    let (host, mut client) = start().await;
-    let sb = client
-        .create_sandbox(create("busybox", 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(sb.expires_at.is_some());
-    let kept = client
-        .create_sandbox(create("busybox", 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(kept.expires_at.is_none());
+async fn request_ids_make_creates_idempotent() {
+    let host = FakeHost::new("h1");
+    let env = Env::start(&[host.clone()]).await;
+    let mut c = env.client().await;
+    let mut r = create("busybox");
+    r.request_id = "req-1".into();
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(c2.create_sandbox(r.clone()), c.create_sandbox(r.clone()));
+    let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
+    assert_eq!(a.id, b.id);
+    assert_eq!(a.request_id, "req-1");
+    assert_eq!(host.count(), 1, "one VM for two retries");
+}
 
-    // Wait for the destroy notification (bounded), not a fixed sleep.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !host.destroyed().contains(&sb.id) {
-            let notified = host.notify.notified();
-            if host.destroyed().contains(&sb.id) {
-                break;
-            }
-            notified.await;
+#[tokio::test]
+async fn labels_filter_and_pages() {
+    let env = Env::start(&[FakeHost::new("h1")]).await;
+    let mut c = env.client().await;
+    for i in 0..5 {
+        let mut r = create("busybox");
+        r.labels.insert("team".into(), if i % 2 == 0 { "a" } else { "b" }.into());
+        c.create_sandbox(r).await.unwrap();
+    }
+    let mut filter = ListSandboxesRequest::default();
+    filter.labels.insert("team".into(), "a".into());
+    let a = c.list_sandboxes(filter).await.unwrap().into_inner();
+    assert_eq!(a.sandboxes.len(), 3);
+    assert!(a.sandboxes.iter().all(|s| s.labels.get("team").map(String::as_str) == Some("a")));
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_sandboxes(ListSandboxesRequest { page_size: 2, page_token: token.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.sandboxes.into_iter().map(|s| s.id));
+        if page.next_page_token.is_empty() {
+            break;
         }
-    })
-    .await
-    .expect("the sandbox was not destroyed after its timeout");
-    let err = client
-        .get_sandbox(GetSandboxRequest { id: sb.id.clone() })
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 5);
+    seen.dedup();
+    assert_eq!(seen.len(), 5, "pages do not repeat");
+    let err = c
+        .list_sandboxes(ListSandboxesRequest { page_token: "bogus".into(), ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    let list = client
-        .list_sandboxes(ListSandboxesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        list.sandboxes
-            .iter()
-            .map(|s| s.id.clone())
-            .collect::<Vec<_>>(),
-        vec![kept.id]
-    );
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test]
-async fn destroy_cancels_the_timeout() {
-    let (host, mut client) = start().await;
-    let sb = client
-        .create_sandbox(create("busybox", 1))
+async fn timeouts_destroy_and_can_be_changed() {
+    let host = FakeHost::new("h1");
+    let env = Env::start(&[host.clone()]).await;
+    let mut c = env.client().await;
+    let mut r = create("busybox");
+    r.timeout_seconds = 3600;
+    let sb = c.create_sandbox(r).await.unwrap().into_inner();
+    assert!(sb.expires_at.is_some());
+    let kept = c.create_sandbox(create("busybox")).await.unwrap().into_inner();
+    let changed = c
+        .set_sandbox_timeout(SetSandboxTimeoutRequest { id: sb.id.clone(), timeout_seconds: 1 })
         .await
         .unwrap()
         .into_inner();
-    client
-        .destroy_sandbox(DestroySandboxRequest { id: sb.id.clone() })
+    assert!(changed.expires_at.unwrap().seconds < sb.expires_at.unwrap().seconds);
+    let gone = eventually(|| {
+        let mut c = c.clone();
+        let id = sb.id.clone();
+        async move { c.get_sandbox(GetSandboxRequest { id }).await.is_err() }
+    })
+    .await;
+    assert!(gone, "the sandbox outlived its timeout");
+    assert_eq!(host.count(), 1);
+    let cleared = c
+        .set_sandbox_timeout(SetSandboxTimeoutRequest { id: kept.id.clone(), timeout_seconds: 0 })
         .await
-        .unwrap();
-    // Give the (cancelled) timer more than its time; it must not destroy again.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(host.destroyed(), vec![sb.id]);
+        .unwrap()
+        .into_inner();
+    assert!(cleared.expires_at.is_none());
+}
+
+#[tokio::test]
+async fn spread_places_on_the_emptier_host() {
+    let (h1, h2) = (FakeHost::new("h1"), FakeHost::new("h2"));
+    let env = Env::start(&[h1.clone(), h2.clone()]).await;
+    let mut c = env.client().await;
+    for _ in 0..4 {
+        c.create_sandbox(create("busybox")).await.unwrap();
+    }
+    assert_eq!((h1.count(), h2.count()), (2, 2));
+}
+
+#[tokio::test]
+async fn a_silent_host_loses_its_sandboxes_until_it_answers_again() {
+    let host = FakeHost::new("h1");
+    let env = Env::start(&[host.clone()]).await;
+    let mut c = env.client().await;
+    let sb = c.create_sandbox(create("busybox")).await.unwrap().into_inner();
+    host.down.store(true, Ordering::SeqCst);
+    let state = |c: &Client| {
+        let mut c = c.clone();
+        let id = sb.id.clone();
+        async move { c.get_sandbox(GetSandboxRequest { id }).await.map(|s| s.into_inner().state).unwrap_or(-1) }
+    };
+    assert!(eventually(|| async { state(&c).await == SandboxState::Lost as i32 }).await, "not marked lost");
+    let exec = vec![ExecRequest {
+        msg: Some(exec_request::Msg::Start(ExecStart { sandbox_id: sb.id.clone(), argv: vec!["true".into()], ..Default::default() })),
+    }];
+    let err = c.exec(futures::stream::iter(exec)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("lost"), "{}", err.message());
+    host.down.store(false, Ordering::SeqCst);
+    assert!(eventually(|| async { state(&c).await == SandboxState::Running as i32 }).await, "not recovered");
+}
+
+#[tokio::test]
+async fn a_restarted_control_plane_keeps_every_sandbox() {
+    let host = FakeHost::new("h1");
+    let env = Env::start(&[host.clone()]).await;
+    let mut c = env.client().await;
+    let ids: Vec<String> = futures::future::join_all((0..3).map(|_| {
+        let mut c = c.clone();
+        async move { c.create_sandbox(create("busybox")).await.unwrap().into_inner().id }
+    }))
+    .await;
+    let slept = c.sleep_sandbox(SleepSandboxRequest { id: ids[0].clone() }).await.unwrap().into_inner();
+    assert_eq!(slept.state, SandboxState::Sleeping as i32);
+    // A new control plane on the same store, same host.
+    let Env { _dir, store, key, cp, .. } = env;
+    drop(cp);
+    let env2 = Env::on(_dir, store, &[host.clone()]).await;
+    let mut c2 = env2.client_with(Some(&key)).await;
+    let listed = c2.list_sandboxes(ListSandboxesRequest::default()).await.unwrap().into_inner().sandboxes;
+    let mut got: Vec<String> = listed.iter().map(|s| s.id.clone()).collect();
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want);
+    let first = listed.iter().find(|s| s.id == ids[0]).unwrap();
+    assert_eq!(first.state, SandboxState::Sleeping as i32);
+    c2.destroy_sandbox(DestroySandboxRequest { id: ids[1].clone() }).await.unwrap();
+    assert_eq!(host.count(), 2);
+    let _ = c;
 }
 
 #[tokio::test]
 async fn exec_relays_the_stream_and_checks_the_first_message() {
-    let (_host, mut client) = start().await;
-    let sb = client
-        .create_sandbox(create("busybox", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let env = Env::start(&[FakeHost::new("h1")]).await;
+    let mut c = env.client().await;
+    let sb = c.create_sandbox(create("busybox")).await.unwrap().into_inner();
     let msgs = vec![
         ExecRequest {
             msg: Some(exec_request::Msg::Start(ExecStart {
@@ -336,132 +452,36 @@ async fn exec_relays_the_stream_and_checks_the_first_message() {
                 ..Default::default()
             })),
         },
-        ExecRequest {
-            msg: Some(exec_request::Msg::Stdin(b"abc".to_vec())),
-        },
+        ExecRequest { msg: Some(exec_request::Msg::Stdin(b"abc".to_vec())) },
     ];
-    let mut out = client
-        .exec(futures::stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut out = c.exec(futures::stream::iter(msgs)).await.unwrap().into_inner();
     let mut stdout = Vec::new();
-    let mut exited = false;
     while let Some(msg) = out.message().await.unwrap() {
-        match msg.event {
-            Some(exec_response::Event::Stdout(b)) => stdout.extend(b),
-            Some(exec_response::Event::Exit(_)) => exited = true,
-            _ => {}
+        if let Some(exec_response::Event::Stdout(b)) = msg.event {
+            stdout.extend(b);
         }
     }
     assert_eq!(stdout, b"catabc");
-    assert!(exited);
-
-    // A stream that does not start with `start` is rejected.
-    let bad = vec![ExecRequest {
-        msg: Some(exec_request::Msg::Stdin(b"x".to_vec())),
-    }];
-    let err = client.exec(futures::stream::iter(bad)).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    // An empty stream too.
-    let err = client
-        .exec(futures::stream::iter(Vec::<ExecRequest>::new()))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    let bad = vec![ExecRequest { msg: Some(exec_request::Msg::Stdin(b"x".to_vec())) }];
+    assert_eq!(c.exec(futures::stream::iter(bad)).await.unwrap_err().code(), Code::InvalidArgument);
+    let empty = futures::stream::iter(Vec::<ExecRequest>::new());
+    assert_eq!(c.exec(empty).await.unwrap_err().code(), Code::InvalidArgument);
 }
 
 #[tokio::test]
-async fn write_file_relays_chunks() {
-    let (_host, mut client) = start().await;
-    let sb = client
-        .create_sandbox(create("busybox", 0))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut msgs = vec![WriteFileRequest {
-        msg: Some(write_file_request::Msg::Start(WriteFileStart {
-            sandbox_id: sb.id.clone(),
-            path: "/tmp/x".into(),
-            ..Default::default()
-        })),
-    }];
-    for _ in 0..4 {
-        msgs.push(WriteFileRequest {
-            msg: Some(write_file_request::Msg::Data(vec![7u8; 1000])),
-        });
-    }
-    let info = client
-        .write_file(futures::stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.file.unwrap().size, 4000);
-}
-
-#[tokio::test]
-async fn sleep_wake_and_hosts_are_relayed() {
-    let (_host, mut client, addr) = start_with_addr().await;
-    let sb = client
-        .create_sandbox(create("busybox", 0))
-        .await
-        .unwrap()
-        .into_inner();
-    let slept = client
-        .sleep_sandbox(SleepSandboxRequest { id: sb.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(slept.state, SandboxState::Sleeping as i32);
-    let err = client
-        .wake_sandbox(WakeSandboxRequest {
-            id: "sbx-nope".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    let mut hosts = somna_proto::v1::hosts_client::HostsClient::connect(addr)
-        .await
-        .unwrap();
-    let list = hosts
-        .list_hosts(ListHostsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+async fn hosts_and_images_are_listed_for_callers() {
+    let env = Env::start(&[FakeHost::new("h1")]).await;
+    let channel = Channel::from_shared(env.addr.clone()).unwrap().connect().await.unwrap();
+    let key = Key(Some(format!("Bearer {}", env.key).parse().unwrap()));
+    let mut hosts = somna_proto::v1::hosts_client::HostsClient::with_interceptor(channel.clone(), key.clone());
+    let mut c = env.client().await;
+    c.create_sandbox(create("busybox")).await.unwrap();
+    let list = hosts.list_hosts(ListHostsRequest {}).await.unwrap().into_inner();
     assert_eq!(list.hosts.len(), 1);
-    assert_eq!(list.hosts[0].id, "fake");
-    assert_eq!(list.hosts[0].sandboxes_running, 1);
-}
-
-#[tokio::test]
-async fn image_calls_are_relayed_to_the_host() {
-    let (_host, _client, addr) = start_with_addr().await;
-    let mut images = somna_proto::v1::images_client::ImagesClient::connect(addr)
-        .await
-        .unwrap();
-    let err = images
-        .pull_image(PullImageRequest {
-            reference: " ".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let mut events = images
-        .pull_image(PullImageRequest {
-            reference: "busybox".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = events.message().await.unwrap().unwrap();
-    assert!(
-        matches!(first.event, Some(pull_image_event::Event::Done(d)) if d.reference == "busybox")
-    );
-    let err = images
-        .remove_image(RemoveImageRequest {
-            reference: "gone".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!((list.hosts[0].id.as_str(), list.hosts[0].state.as_str()), ("h1", "ready"));
+    assert_eq!((list.hosts[0].cpus_allocated, list.hosts[0].memory_allocated_mib), (1, 512));
+    let mut images = somna_proto::v1::images_client::ImagesClient::with_interceptor(channel, key);
+    assert_eq!(images.pull_image(PullImageRequest { reference: " ".into() }).await.unwrap_err().code(), Code::InvalidArgument);
+    let mut ev = images.pull_image(PullImageRequest { reference: "busybox".into() }).await.unwrap().into_inner();
+    assert!(matches!(ev.message().await.unwrap().unwrap().event, Some(pull_image_event::Event::Done(_))));
 }

@@ -205,7 +205,18 @@ impl Agent {
         self: &Arc<Self>,
         req: SandboxRequest,
     ) -> Result<SandboxInfo, AgentError> {
-        let id = new_sandbox_id();
+        let id = match &req.id {
+            Some(id) => {
+                validate_id(id)?;
+                if self.lookup(id).is_ok() {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "sandbox {id} already exists on this host"
+                    )));
+                }
+                id.clone()
+            }
+            None => new_sandbox_id(),
+        };
         let span =
             info_span!("create_sandbox", %id, image = %req.image, mode = req.start_mode.as_str());
         self.create_inner(id, req).instrument(span).await
@@ -224,7 +235,7 @@ impl Agent {
         if matches!(req.start_mode, StartMode::Auto | StartMode::WarmPool) {
             if let Some(pooled) = self.pools.claim(&image.manifest_digest.to_string(), shape) {
                 match self
-                    .adopt_pooled(pooled, &req, &image, shape, started)
+                    .adopt_pooled(pooled, &id, &req, &image, shape, started)
                     .await
                 {
                     Ok(info) => return Ok(info),
@@ -588,6 +599,18 @@ impl Agent {
 
     fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Sandbox>>> {
         self.sandboxes.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Ids become directory names and kernel parameters: keep them plain.
+fn validate_id(id: &str) -> Result<(), AgentError> {
+    let ok = (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidArgument(format!(
+            "sandbox id {id:?} must be 4-64 of [A-Za-z0-9-]"
+        )))
     }
 }
 

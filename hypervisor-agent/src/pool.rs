@@ -19,7 +19,6 @@ use crate::sandbox::{LiveVm, MemoryMode, SandboxInfo, SandboxRequest, StartMode,
 
 /// A restored, paused VM waiting to become a sandbox.
 pub(crate) struct PooledVm {
-    pub id: String,
     pub dir: VmDir,
     pub live: LiveVm,
     pub root: RootDisk,
@@ -165,7 +164,6 @@ async fn fill_once(agent: &Arc<Agent>, index: usize) -> Result<(), AgentError> {
         let (dir, live) = agent.clone_paused(&id, &template, &root, shape).await?;
         info!(image = %spec.image, %id, restore_ms = started.elapsed().as_millis() as u64, "warm-pool VM ready");
         lock(&agent.pools.pools)[index].ready.push_back(PooledVm {
-            id,
             dir,
             live,
             root: root.clone(),
@@ -179,37 +177,19 @@ impl Agent {
     pub(crate) async fn adopt_pooled(
         self: &Arc<Self>,
         pooled: PooledVm,
+        id: &str,
         req: &SandboxRequest,
         image: &Image,
         shape: Shape,
         started: Instant,
     ) -> Result<SandboxInfo, AgentError> {
-        let PooledVm {
-            id,
-            dir,
-            live,
-            root,
-        } = pooled;
-        let sandbox = self.new_sandbox(
-            &id,
-            req,
-            image,
-            &root,
-            shape,
-            dir,
-            StartMode::WarmPool,
-            MemoryMode::TemplateCow,
-        );
+        // The VM keeps the run directory it was pooled with; the sandbox
+        // takes the requested id, which the guest learns on wake.
+        let PooledVm { dir, live, root } = pooled;
+        let sandbox = self.new_sandbox(id, req, image, &root, shape, dir, StartMode::WarmPool, MemoryMode::TemplateCow);
         self.insert(sandbox.clone());
         let deadline = Instant::now() + self.config.boot_timeout;
-        match launch::resume_and_wake(
-            &live,
-            &sandbox.dir,
-            Some(launch::identity_for(&id)),
-            deadline,
-        )
-        .await
-        {
+        match launch::resume_and_wake(&live, &sandbox.dir, Some(launch::identity_for(id)), deadline).await {
             Ok(_) => Ok(self.mark_running(&sandbox, live, started)),
             Err(f) => Err(self.fail_create(&sandbox, f)),
         }

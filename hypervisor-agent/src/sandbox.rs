@@ -60,6 +60,8 @@ impl StartMode {
 /// What a sandbox is asked to be.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxRequest {
+    /// The sandbox id (chosen by the control plane); None: the agent picks.
+    pub id: Option<String>,
     pub image: String,
     /// 0 means the host default.
     pub cpus: u32,

@@ -3,12 +3,20 @@
 //! - [`v1`]: the public API (`somna.v1`): sandboxes, plus the exec and file
 //!   messages that the guest protocol shares, so the host agent relays them
 //!   unchanged.
+//! - [`host::v1`]: the control plane ↔ host agent protocol (`somna.host.v1`),
+//!   served by the agent over the connection it dialled out.
 //! - [`guest::v1`]: the host agent ↔ guest agent protocol (`somna.guest.v1`).
 
 #![allow(clippy::large_enum_variant)]
 
 pub mod v1 {
     tonic::include_proto!("somna.v1");
+}
+
+pub mod host {
+    pub mod v1 {
+        tonic::include_proto!("somna.host.v1");
+    }
 }
 
 pub mod guest {

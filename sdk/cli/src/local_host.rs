@@ -57,6 +57,7 @@ impl LocalHost {
             last_active_at: Some(info.last_active_at.into()),
             sleep_count: info.sleep_count,
             wake_count: info.wake_count,
+            ..Default::default()
         }
     }
 }
@@ -119,6 +120,7 @@ fn host_to_proto(h: HostInfo) -> proto::Host {
                 ready: p.ready,
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -128,10 +130,11 @@ impl Host for LocalHost {
         self.agent.host_id()
     }
 
-    async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<proto::Sandbox, Status> {
+    async fn create_sandbox(&self, id: &str, req: CreateSandboxRequest) -> Result<proto::Sandbox, Status> {
         let info = self
             .agent
             .create_sandbox(SandboxRequest {
+                id: Some(id.to_string()),
                 image: req.image,
                 cpus: req.cpus,
                 memory_mib: req.memory_mib,
@@ -171,7 +174,12 @@ impl Host for LocalHost {
     }
 
     async fn info(&self) -> Result<proto::Host, Status> {
-        Ok(host_to_proto(self.agent.host_info()))
+        let mut h = host_to_proto(self.agent.host_info());
+        h.cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        h.memory_mib = host_memory_mib();
+        h.cached_images = self.agent.list_images().into_iter().map(|i| i.reference).collect();
+        h.state = "ready".into();
+        Ok(h)
     }
 
     async fn pull_image(
@@ -352,4 +360,18 @@ impl Host for LocalHost {
             .await?;
         Ok(())
     }
+}
+
+/// MemTotal from /proc/meminfo, in MiB.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
 }

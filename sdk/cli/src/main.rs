@@ -2,10 +2,14 @@
 //! single-node platform (control plane + host agent); the other commands are
 //! clients of the API at `$SOMNA_ADDR`.
 
+mod agent_args;
+mod agent_cmd;
+mod controlplane_cmd;
 mod cp;
 mod exec;
 mod host;
 mod image;
+mod key;
 mod local_host;
 mod output;
 mod sandbox;
@@ -28,6 +32,9 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// API key (default: $SOMNA_API_KEY, else /var/lib/somna/api-key).
+    #[arg(long, global = true, env = "SOMNA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +43,13 @@ struct Cli {
 enum Command {
     /// Run a single-node platform: control plane and a host agent.
     Up(up::UpArgs),
+    /// Run the control plane alone (hosts join with `somna agent`).
+    Controlplane(controlplane_cmd::ControlPlaneArgs),
+    /// Run a host agent that joins a control plane.
+    Agent(agent_cmd::AgentCmdArgs),
+    /// Create and revoke API keys.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// Create, use, sleep, wake and destroy sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
@@ -49,6 +63,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client commands authenticate with the key from the flag, the
+    // environment, or (for the local `somna up`) its key file.
+    let key = cli.api_key.clone().or_else(|| {
+        std::fs::read_to_string("/var/lib/somna/api-key").ok().map(|k| k.trim().to_string())
+    });
+    if let Some(k) = key {
+        // SAFETY: no other thread exists yet (the runtime starts below).
+        unsafe { std::env::set_var(somna_sdk::API_KEY_ENV, k) };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,6 +85,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up::run(args, cli.json).await.map(|()| 0),
+            Command::Controlplane(args) => controlplane_cmd::run(args, cli.json).await.map(|()| 0),
+            Command::Agent(args) => agent_cmd::run(args, cli.json).await.map(|()| 0),
+            Command::Key(cmd) => key::run(cmd, cli.json).await,
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.addr, cli.json).await,
             Command::Host(cmd) => host::run(cmd, &cli.addr, cli.json).await,
             Command::Image(cmd) => image::run(cmd, &cli.addr, cli.json).await,

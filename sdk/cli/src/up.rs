@@ -1,15 +1,17 @@
-//! `somna up`: the control plane and one host agent in one process.
+//! `somna up`: the control plane (SQLite store) and one host agent in one
+//! process. The first start creates the `default` tenant and an API key,
+//! prints it, and keeps it in `<data-dir>/api-key` (mode 0600), where the
+//! CLI on this machine finds it.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use somna_controlplane::ControlPlane;
-use somna_hypervisor_agent::{AccelMode, Agent, AgentConfig};
-use tracing_subscriber::EnvFilter;
+use somna_controlplane::store::Store;
+use somna_controlplane::{ControlPlane, ControlPlaneConfig};
+use somna_hypervisor_agent::Agent;
 
+use crate::agent_args::{AgentArgs, init_tracing, shutdown_signal, write_secret};
 use crate::local_host::LocalHost;
 
 #[derive(Args)]
@@ -17,97 +19,29 @@ pub struct UpArgs {
     /// Address for the public API (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7477")]
     listen: String,
-    /// State directory (VM run directories, image cache).
-    #[arg(long, env = "SOMNA_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Directory with the guest kernel (vmlinux) and initramfs.img.
-    #[arg(long, env = "SOMNA_GUEST_DIR")]
-    guest_dir: Option<PathBuf>,
-    /// Directory of local OCI image layouts (<dir>/<name>/); repeatable.
-    #[arg(long = "image-dir", env = "SOMNA_IMAGE_DIRS", value_delimiter = ':')]
-    image_dirs: Vec<PathBuf>,
-    /// Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.
-    #[arg(long, env = "SOMNA_ACCEL", default_value = "auto")]
-    accel: AccelMode,
-    /// The QEMU binary.
-    #[arg(long, env = "SOMNA_QEMU")]
-    qemu: Option<PathBuf>,
-    /// Seconds a guest may take to boot before create fails.
-    #[arg(long)]
-    boot_timeout: Option<u64>,
-    /// Name of this host.
-    #[arg(long)]
-    host_id: Option<String>,
-    /// Keep N restored, paused VMs of IMAGE ready (IMAGE=N); repeatable.
-    #[arg(long = "warm-pool", value_name = "IMAGE=N")]
-    warm_pools: Vec<somna_hypervisor_agent::WarmPoolSpec>,
-    /// Do not build template snapshots (every create boots).
-    #[arg(long)]
-    no_templates: bool,
-    /// Never contact a registry: only local layouts, oci: and
-    /// docker-archive: images.
-    #[arg(long)]
-    no_registries: bool,
-    /// Registry for names without one (default docker.io).
-    #[arg(long)]
-    default_registry: Option<String>,
-    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
-    #[arg(long = "insecure-registry")]
-    insecure_registries: Vec<String>,
-    /// Keep the image cache under this many MiB (least recently used
-    /// images that no sandbox uses are removed).
-    #[arg(long)]
-    image_cache_mib: Option<u64>,
+    #[command(flatten)]
+    agent: AgentArgs,
 }
 
 pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("SOMNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    init_tracing();
+    let config = args.agent.config();
+    let data_dir = config.data_dir.clone();
+    let agent = Agent::start(config).await.context("starting the host agent")?;
 
-    let mut config = AgentConfig::with_defaults();
-    if let Some(d) = args.data_dir {
-        config.image_dirs = vec![d.join("oci")];
-        config.data_dir = d;
-    }
-    if let Some(d) = args.guest_dir {
-        config.guest_dir = d;
-    }
-    if !args.image_dirs.is_empty() {
-        config.image_dirs = args.image_dirs;
-    }
-    if let Some(q) = args.qemu {
-        config.qemu_binary = q;
-    }
-    if let Some(s) = args.boot_timeout {
-        config.boot_timeout = Duration::from_secs(s);
-    }
-    if let Some(h) = args.host_id {
-        config.host_id = h;
-    }
-    config.accel = args.accel;
-    config.warm_pools = args.warm_pools;
-    config.templates = !args.no_templates;
-    config.images.registry.enabled = !args.no_registries;
-    if let Some(r) = args.default_registry {
-        config.images.registry.default_registry = r;
-    }
-    config.images.registry.insecure_registries = args.insecure_registries;
-    config.images.cache_budget_bytes = args.image_cache_mib.map(|m| m * 1024 * 1024);
+    std::fs::create_dir_all(&data_dir).context("creating the data directory")?;
+    let store_url = format!("sqlite://{}", data_dir.join("state.db").display());
+    let store = Store::open(&store_url).await.context("opening the state store")?;
+    let api_key = local_api_key(&store, &data_dir.join("api-key")).await?;
 
-    let agent = Agent::start(config)
-        .await
-        .context("starting the host agent")?;
-    let control_plane = ControlPlane::new(vec![Arc::new(LocalHost::new(agent.clone()))]);
+    let control_plane = ControlPlane::new(store, ControlPlaneConfig::default());
+    let host: Arc<dyn somna_controlplane::Host> = Arc::new(LocalHost::new(agent.clone()));
+    control_plane.attach_host(host).await;
+
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("reading the listen address")?;
+    let addr = listener.local_addr().context("reading the listen address")?;
     let accel = agent.accelerator();
     if json {
         println!(
@@ -117,6 +51,7 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
                 "host": agent.host_id(),
                 "accelerator": accel.accelerator.as_str(),
                 "accelerator_reason": accel.reason,
+                "api_key": api_key,
             })
         );
     } else {
@@ -126,29 +61,33 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
             accel.accelerator,
             accel.reason
         );
+        println!("  API key: {api_key}  (also in {})", data_dir.join("api-key").display());
         println!("  try: somna sandbox create --image busybox");
     }
 
-    somna_controlplane::serve(control_plane, listener, shutdown_signal())
+    somna_controlplane::serve(control_plane.clone(), listener, shutdown_signal())
         .await
         .context("serving the API")?;
     tracing::info!("shutting down: destroying sandboxes");
+    control_plane.destroy_all_on(agent.host_id()).await;
     agent.destroy_all().await;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// The local user's key: the one in `path` if it still works, else a new
+/// one for the `default` tenant (written to `path`).
+async fn local_api_key(store: &Store, path: &std::path::Path) -> anyhow::Result<String> {
+    let tenant = store.ensure_tenant("default", None).await.context("creating the default tenant")?;
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let key = existing.trim().to_string();
+        let auth = somna_controlplane::auth::Authenticator::new(store.clone());
+        if auth.verify(&key).await.is_ok() {
+            return Ok(key);
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
+    let key = somna_controlplane::auth::create_key(store, &tenant.id)
+        .await
+        .context("creating an API key")?;
+    write_secret(path, &key.key).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key.key)
 }

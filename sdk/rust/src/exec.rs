@@ -39,6 +39,22 @@ impl Command {
         }
     }
 
+    /// A command running `script` with `sh -c`.
+    pub fn shell(script: impl Into<String>) -> Self {
+        Command::from_argv(["sh".to_string(), "-c".to_string(), script.into()])
+    }
+
+    /// The same settings with another argv.
+    pub fn with_argv<I: IntoIterator<Item = S>, S: Into<String>>(mut self, argv: I) -> Self {
+        self.argv = argv.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The program and its arguments.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.argv.push(arg.into());
         self
@@ -114,6 +130,23 @@ pub struct Output {
 impl Output {
     pub fn success(&self) -> bool {
         self.exit_code == 0
+    }
+
+    /// stdout as text (invalid UTF-8 replaced).
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stderr as text (invalid UTF-8 replaced).
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    fn record_exit(&mut self, e: proto::ExecExit) {
+        self.exit_code = e.exit_code;
+        self.signal = (e.signal != 0).then_some(e.signal);
+        self.timed_out = e.timed_out;
+        self.message = e.message;
     }
 }
 
@@ -202,6 +235,16 @@ impl Process {
         .await
     }
 
+    /// Kills the process group (SIGKILL); the exit event follows.
+    pub async fn kill(&self) -> Result<()> {
+        self.signal(9).await
+    }
+
+    /// Whether the exit event has been read.
+    pub fn has_exited(&self) -> bool {
+        self.exited
+    }
+
     /// Collects the remaining output until the process exits.
     pub async fn wait_with_output(mut self) -> Result<Output> {
         let mut out = Output::default();
@@ -209,12 +252,37 @@ impl Process {
             match ev {
                 ExecEvent::Stdout(b) => out.stdout.extend(b),
                 ExecEvent::Stderr(b) => out.stderr.extend(b),
-                ExecEvent::Exit(e) => {
-                    out.exit_code = e.exit_code;
-                    out.signal = (e.signal != 0).then_some(e.signal);
-                    out.timed_out = e.timed_out;
-                    out.message = e.message;
+                ExecEvent::Exit(e) => out.record_exit(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits for the exit, handing each output chunk to `on_stdout` /
+    /// `on_stderr` as it arrives (and keeping it in the returned [`Output`]
+    /// too, unless `keep` is false).
+    pub async fn wait_streaming(
+        mut self,
+        mut on_stdout: impl FnMut(&[u8]),
+        mut on_stderr: impl FnMut(&[u8]),
+        keep: bool,
+    ) -> Result<Output> {
+        let mut out = Output::default();
+        while let Some(ev) = self.next_event().await? {
+            match ev {
+                ExecEvent::Stdout(b) => {
+                    on_stdout(&b);
+                    if keep {
+                        out.stdout.extend(b);
+                    }
                 }
+                ExecEvent::Stderr(b) => {
+                    on_stderr(&b);
+                    if keep {
+                        out.stderr.extend(b);
+                    }
+                }
+                ExecEvent::Exit(e) => out.record_exit(e),
             }
         }
         Ok(out)

@@ -1,7 +1,9 @@
 //! Files in a sandbox. Paths are resolved inside the sandbox's root.
 
+use std::path::{Path, PathBuf};
+
 use futures::{Stream, StreamExt};
-use somna_proto::v1::{self as proto, write_file_request};
+use somna_proto::v1::{self as proto, FileType, write_file_request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{Error, Result, Sandbox};
@@ -51,16 +53,35 @@ impl Sandbox {
         Ok(n)
     }
 
+    /// Reads at most `length` bytes from `offset` (`length` 0: to the end).
+    pub async fn read_file_range(&self, path: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let mut chunks = self.read_file_range_stream(path, offset, length).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            out.extend(chunk?);
+        }
+        Ok(out)
+    }
+
     /// The file's content as a stream of chunks.
     pub async fn read_file_stream(
         &self,
         path: &str,
     ) -> Result<impl Stream<Item = Result<Vec<u8>>> + use<>> {
+        self.read_file_range_stream(path, 0, 0).await
+    }
+
+    async fn read_file_range_stream(
+        &self,
+        path: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>>> + use<>> {
         let req = proto::ReadFileRequest {
             sandbox_id: self.id().to_string(),
             path: path.to_string(),
-            offset: 0,
-            length: 0,
+            offset,
+            length,
         };
         let stream = self.rpc().read_file(req).await?.into_inner();
         Ok(stream.map(|r| r.map(|c| c.data).map_err(Error::from)))
@@ -174,6 +195,154 @@ impl Sandbox {
         self.rpc().rename_file(req).await?;
         Ok(())
     }
+}
+
+/// What an upload or download moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    pub bytes: u64,
+    pub files: u64,
+    /// Entries that are neither regular files nor directories (symlinks,
+    /// devices): not copied.
+    pub skipped: u64,
+}
+
+impl Sandbox {
+    /// Whether `path` exists in the sandbox (a dangling symlink counts).
+    pub async fn exists(&self, path: &str) -> Result<bool> {
+        match self.stat(path).await {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound(m)) if !m.starts_with("sandbox ") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copies a local file or directory tree to exactly `remote` (a tree
+    /// becomes the directory `remote`), keeping permission bits and
+    /// creating missing parents. Symlinks and special files are skipped.
+    pub async fn upload(&self, local: &Path, remote: &str) -> Result<TransferStats> {
+        let meta = tokio::fs::symlink_metadata(local)
+            .await
+            .map_err(io_err(format!("cannot read {}", local.display())))?;
+        let mut stats = TransferStats::default();
+        if meta.is_file() {
+            stats.bytes = self.upload_file(local, remote, &meta).await?;
+            stats.files = 1;
+            return Ok(stats);
+        }
+        if !meta.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a regular file or directory",
+                local.display()
+            )));
+        }
+        let mut stack = vec![(local.to_path_buf(), remote.to_string())];
+        while let Some((dir, rdir)) = stack.pop() {
+            self.make_dir(&rdir, true).await?;
+            let mut entries = tokio::fs::read_dir(&dir)
+                .await
+                .map_err(io_err(format!("cannot read {}", dir.display())))?;
+            while let Some(entry) = entries
+                .next_entry()
+                .await
+                .map_err(io_err(format!("cannot read {}", dir.display())))?
+            {
+                let path = entry.path();
+                let rpath = join(&rdir, &entry.file_name().to_string_lossy());
+                let meta = tokio::fs::symlink_metadata(&path)
+                    .await
+                    .map_err(io_err(format!("cannot read {}", path.display())))?;
+                if meta.is_dir() {
+                    stack.push((path, rpath));
+                } else if meta.is_file() {
+                    stats.bytes += self.upload_file(&path, &rpath, &meta).await?;
+                    stats.files += 1;
+                } else {
+                    stats.skipped += 1;
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn upload_file(&self, local: &Path, remote: &str, meta: &std::fs::Metadata) -> Result<u64> {
+        use std::os::unix::fs::PermissionsExt;
+        let file = tokio::fs::File::open(local)
+            .await
+            .map_err(io_err(format!("cannot open {}", local.display())))?;
+        let opts = WriteOptions {
+            mode: meta.permissions().mode() & 0o7777,
+            create_parents: true,
+            append: false,
+        };
+        Ok(self.write_file_from(remote, file, opts).await?.size)
+    }
+
+    /// Copies a sandbox file or directory tree to exactly `local`, keeping
+    /// permission bits and creating missing local parents. Symlinks and
+    /// special files are skipped.
+    pub async fn download(&self, remote: &str, local: &Path) -> Result<TransferStats> {
+        let info = self.stat(remote).await?;
+        let mut stats = TransferStats::default();
+        match info.r#type() {
+            FileType::File => {
+                if let Some(parent) = local.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(io_err(format!("cannot create {}", parent.display())))?;
+                }
+                stats.bytes = self.download_file(remote, local, info.mode).await?;
+                stats.files = 1;
+                return Ok(stats);
+            }
+            FileType::Directory => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{remote} is not a regular file or directory"
+                )));
+            }
+        }
+        let mut stack: Vec<(String, PathBuf)> = vec![(remote.to_string(), local.to_path_buf())];
+        while let Some((rdir, dir)) = stack.pop() {
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(io_err(format!("cannot create {}", dir.display())))?;
+            for entry in self.list_files(&rdir).await? {
+                let target = dir.join(&entry.name);
+                match entry.r#type() {
+                    FileType::Directory => stack.push((entry.path.clone(), target)),
+                    FileType::File => {
+                        stats.bytes += self.download_file(&entry.path, &target, entry.mode).await?;
+                        stats.files += 1;
+                    }
+                    _ => stats.skipped += 1,
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn download_file(&self, remote: &str, local: &Path, mode: u32) -> Result<u64> {
+        use std::os::unix::fs::PermissionsExt;
+        let file = tokio::fs::File::create(local)
+            .await
+            .map_err(io_err(format!("cannot create {}", local.display())))?;
+        let n = self.read_file_to(remote, file).await?;
+        if mode != 0 {
+            tokio::fs::set_permissions(local, std::fs::Permissions::from_mode(mode & 0o7777))
+                .await
+                .map_err(io_err(format!("cannot chmod {}", local.display())))?;
+        }
+        Ok(n)
+    }
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    format!("{}/{}", dir.trim_end_matches('/'), name)
 }
 
 /// Fills `buf` unless EOF comes first; returns the bytes read.

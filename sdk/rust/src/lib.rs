@@ -15,6 +15,8 @@
 //! It owns the typed surface (clients, sandboxes, commands, files) over the
 //! generated gRPC stubs, which stay available as [`proto`].
 
+mod auth;
+mod code;
 mod error;
 mod exec;
 mod files;
@@ -23,27 +25,48 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use somna_proto::v1::sandboxes_client::SandboxesClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+pub use auth::ApiKey;
+pub use code::Language;
 pub use error::{Error, Result};
 pub use exec::{Command, ExecEvent, Output, Process};
-pub use files::WriteOptions;
+pub use files::{TransferStats, WriteOptions};
 pub use somna_proto::v1 as proto;
 
 /// Where `somna up` listens by default.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7477";
 
+/// The environment variable holding the API key clients send.
+pub const API_KEY_ENV: &str = "SOMNA_API_KEY";
+
+/// The environment variable holding the API address.
+pub const ADDR_ENV: &str = "SOMNA_ADDR";
+
+/// The gRPC channel with the API key attached to every call.
+pub type AuthChannel = InterceptedService<Channel, ApiKey>;
+
 /// A connection to a Somna control plane. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
-    rpc: SandboxesClient<Channel>,
-    channel: Channel,
+    rpc: SandboxesClient<AuthChannel>,
+    channel: AuthChannel,
+    addr: String,
 }
 
 impl Client {
     /// Connects to `addr` (`http://host:port`; a bare `host:port` is
-    /// accepted too).
+    /// accepted too), authenticating with `$SOMNA_API_KEY` when it is set.
     pub async fn connect(addr: &str) -> Result<Client> {
+        let key = std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty());
+        Client::connect_with_key(addr, key.as_deref()).await
+    }
+
+    /// Connects to `addr` and sends `api_key` (if any) as
+    /// `authorization: Bearer <key>` on every call.
+    pub async fn connect_with_key(addr: &str, api_key: Option<&str>) -> Result<Client> {
+        let auth = ApiKey::new(api_key)?;
         let uri = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -59,26 +82,39 @@ impl Client {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| Error::Connect {
-            addr: uri,
+            addr: uri.clone(),
             reason: source_chain(&e),
         })?;
+        let channel = InterceptedService::new(channel, auth);
         Ok(Client {
             channel: channel.clone(),
             rpc: SandboxesClient::new(channel)
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024),
+            addr: uri,
         })
     }
 
     /// Connects to `$SOMNA_ADDR`, or the local `somna up` when unset.
     pub async fn from_env() -> Result<Client> {
-        let addr = std::env::var("SOMNA_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_string());
+        let addr = std::env::var(ADDR_ENV).unwrap_or_else(|_| DEFAULT_ADDR.to_string());
         Client::connect(&addr).await
     }
 
+    /// The address this client talks to (`http://host:port`).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// The generated gRPC client, for calls the typed API does not cover.
-    pub fn rpc(&self) -> SandboxesClient<Channel> {
+    pub fn rpc(&self) -> SandboxesClient<AuthChannel> {
         self.rpc.clone()
+    }
+
+    /// The authenticated channel, for the other generated clients
+    /// (`proto::images_client::ImagesClient::new(client.channel())`).
+    pub fn channel(&self) -> AuthChannel {
+        self.channel.clone()
     }
 
     /// Creates a sandbox and returns once it accepts exec.
@@ -95,12 +131,27 @@ impl Client {
                 .map(|t| t.as_secs().max(1))
                 .unwrap_or(0),
             start_mode: options.start_mode as i32,
+            labels: options.labels.into_iter().collect(),
+            request_id: options.request_id,
         };
         let info = self.rpc().create_sandbox(req).await?.into_inner();
         Ok(Sandbox {
             client: self.clone(),
             info,
         })
+    }
+
+    /// A handle to sandbox `id` without asking the server first (its
+    /// [`Sandbox::info`] holds only the id until [`Sandbox::refresh`]);
+    /// calls on it fail with [`Error::NotFound`] if it does not exist.
+    pub fn attach(&self, id: &str) -> Sandbox {
+        Sandbox {
+            client: self.clone(),
+            info: proto::Sandbox {
+                id: id.to_string(),
+                ..Default::default()
+            },
+        }
     }
 
     /// A handle to an existing sandbox.
@@ -116,13 +167,45 @@ impl Client {
         })
     }
 
+    /// Every sandbox (all pages).
     pub async fn list_sandboxes(&self) -> Result<Vec<proto::Sandbox>> {
-        Ok(self
-            .rpc()
-            .list_sandboxes(proto::ListSandboxesRequest {})
-            .await?
-            .into_inner()
-            .sandboxes)
+        self.list_sandboxes_with_labels(&BTreeMap::new()).await
+    }
+
+    /// The sandboxes that carry all of `labels` (all pages).
+    pub async fn list_sandboxes_with_labels(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<proto::Sandbox>> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = proto::ListSandboxesRequest {
+                labels: labels.clone().into_iter().collect(),
+                page_size: 0,
+                page_token: std::mem::take(&mut page_token),
+            };
+            let resp = self.rpc().list_sandboxes(req).await?.into_inner();
+            out.extend(resp.sandboxes);
+            if resp.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = resp.next_page_token;
+        }
+    }
+
+    /// Sets the sandbox's timeout to `timeout` from now (`None`: never
+    /// destroy it automatically).
+    pub async fn set_sandbox_timeout(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<proto::Sandbox> {
+        let req = proto::SetSandboxTimeoutRequest {
+            id: id.to_string(),
+            timeout_seconds: timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
+        };
+        Ok(self.rpc().set_sandbox_timeout(req).await?.into_inner())
     }
 
     /// Puts a sandbox into light sleep (its RAM goes back to the host).
@@ -143,7 +226,7 @@ impl Client {
         &self,
         reference: &str,
     ) -> Result<tonic::Streaming<proto::PullImageEvent>> {
-        let mut images = proto::images_client::ImagesClient::new(self.channel.clone());
+        let mut images = proto::images_client::ImagesClient::new(self.channel());
         let req = proto::PullImageRequest {
             reference: reference.to_string(),
         };
@@ -152,7 +235,7 @@ impl Client {
 
     /// Cached images and the host's pull/conversion counters.
     pub async fn list_images(&self) -> Result<proto::ListImagesResponse> {
-        let mut images = proto::images_client::ImagesClient::new(self.channel.clone());
+        let mut images = proto::images_client::ImagesClient::new(self.channel());
         Ok(images
             .list_images(proto::ListImagesRequest {})
             .await?
@@ -160,7 +243,7 @@ impl Client {
     }
 
     pub async fn remove_image(&self, reference: &str) -> Result<proto::RemoveImageResponse> {
-        let mut images = proto::images_client::ImagesClient::new(self.channel.clone());
+        let mut images = proto::images_client::ImagesClient::new(self.channel());
         let req = proto::RemoveImageRequest {
             reference: reference.to_string(),
         };
@@ -169,7 +252,7 @@ impl Client {
 
     /// The hosts, with their templates and warm pools.
     pub async fn list_hosts(&self) -> Result<Vec<proto::Host>> {
-        let mut hosts = proto::hosts_client::HostsClient::new(self.channel.clone());
+        let mut hosts = proto::hosts_client::HostsClient::new(self.channel());
         Ok(hosts
             .list_hosts(proto::ListHostsRequest {})
             .await?
@@ -199,6 +282,12 @@ pub struct CreateOptions {
     pub idle_timeout: Option<Duration>,
     /// How to start the VM (default: the fastest available).
     pub start_mode: proto::StartMode,
+    /// Free-form labels, to find the sandbox again with
+    /// [`Client::list_sandboxes_with_labels`].
+    pub labels: BTreeMap<String, String>,
+    /// A client-chosen id that makes retries safe: a second create with the
+    /// same id returns the sandbox the first one made.
+    pub request_id: String,
 }
 
 impl CreateOptions {
@@ -234,6 +323,14 @@ impl CreateOptions {
     }
     pub fn start_mode(mut self, mode: proto::StartMode) -> Self {
         self.start_mode = mode;
+        self
+    }
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = id.into();
         self
     }
 }
@@ -272,12 +369,26 @@ impl Sandbox {
         Ok(&self.info)
     }
 
+    /// Destroys the sandbox `timeout` from now (`None`: never automatically).
+    pub async fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<&proto::Sandbox> {
+        self.info = self
+            .client
+            .set_sandbox_timeout(&self.info.id, timeout)
+            .await?;
+        Ok(&self.info)
+    }
+
+    /// The client this sandbox was reached through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Stops the VM and removes the sandbox and its data.
     pub async fn destroy(self) -> Result<()> {
         self.client.destroy_sandbox(&self.info.id).await
     }
 
-    fn rpc(&self) -> SandboxesClient<Channel> {
+    fn rpc(&self) -> SandboxesClient<AuthChannel> {
         self.client.rpc()
     }
 }

@@ -91,6 +91,8 @@ pub struct Platform {
     pub addr: String,
     pub accelerator: String,
     pub accelerator_reason: String,
+    /// The key `somna up` made for the default tenant.
+    pub api_key: String,
 }
 
 impl Platform {
@@ -107,6 +109,7 @@ impl Platform {
             addr: String::new(),
             accelerator: String::new(),
             accelerator_reason: String::new(),
+            api_key: String::new(),
         };
         p.launch();
         p
@@ -152,6 +155,7 @@ impl Platform {
             .unwrap_or_else(|e| panic!("bad `somna up` line {line:?}: {e}"));
         self.addr = v["addr"].as_str().unwrap_or_default().to_string();
         self.accelerator = v["accelerator"].as_str().unwrap_or_default().to_string();
+        self.api_key = v["api_key"].as_str().unwrap_or_default().to_string();
         self.accelerator_reason = v["accelerator_reason"]
             .as_str()
             .unwrap_or_default()
@@ -161,7 +165,7 @@ impl Platform {
 
     /// A client of this platform.
     pub async fn client(&self) -> somna_sdk::Client {
-        somna_sdk::Client::connect(&self.addr)
+        somna_sdk::Client::connect_with_key(&self.addr, Some(&self.api_key))
             .await
             .expect("connect to somna up")
     }
@@ -198,7 +202,7 @@ impl Platform {
     /// `somna` CLI command pointed at this platform.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(&self.options.somna);
-        c.env("SOMNA_ADDR", &self.addr);
+        c.env("SOMNA_ADDR", &self.addr).env("SOMNA_API_KEY", &self.api_key);
         c
     }
 

@@ -1,0 +1,167 @@
+//! The control plane's background work. Every replica polls the hosts it
+//! can reach (heartbeat: their report and their sandboxes, reconciled into
+//! the store). The leading replica also destroys expired sandboxes and
+//! marks hosts lost when nobody has heard from them in time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::host::Host;
+use crate::service::{ControlPlane, state_name};
+use crate::store::{HostRow, Leadership, now_ms};
+
+pub(crate) fn spawn(cp: &ControlPlane) {
+    let weak = Arc::downgrade(&cp.inner);
+    tokio::spawn(async move {
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            let cp = ControlPlane { inner };
+            let interval = cp.inner.config.heartbeat;
+            let hosts: Vec<Arc<dyn Host>> = cp.inner.hosts.all().into_iter().map(|c| c.host).collect();
+            let beats = hosts.iter().map(|h| heartbeat(&cp, h));
+            futures::future::join_all(beats).await;
+            drop(cp);
+            tokio::time::sleep(interval).await;
+        }
+    });
+    let weak = Arc::downgrade(&cp.inner);
+    tokio::spawn(async move {
+        let mut leadership: Option<Leadership> = None;
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            let cp = ControlPlane { inner };
+            if leadership.is_none() {
+                match cp.inner.store.try_lead().await {
+                    Ok(Some(l)) => {
+                        info!("this replica leads (timeouts, host health)");
+                        leadership = Some(l);
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "cannot take part in leader election"),
+                }
+            }
+            if leadership.is_some() {
+                expire(&cp).await;
+                detect_lost_hosts(&cp).await;
+            }
+            drop(cp);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Asks `host` for its report and its sandboxes and brings the store in
+/// line with them.
+pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
+    let limit = cp.inner.config.heartbeat.max(Duration::from_secs(2));
+    let report = tokio::time::timeout(limit, async { Ok::<_, tonic::Status>((host.info().await?, host.list_sandboxes().await?)) }).await;
+    let (info, sandboxes) = match report {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(host = host.id(), error = %e.message(), "heartbeat failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(host = host.id(), "heartbeat timed out");
+            return;
+        }
+    };
+    cp.inner.hosts.reported(host, info.clone());
+    let store = &cp.inner.store;
+    let row = HostRow {
+        id: host.id().to_string(),
+        state: "ready".into(),
+        cpus: info.cpus as i64,
+        memory_mib: info.memory_mib as i64,
+        last_heartbeat_ms: now_ms(),
+        info,
+    };
+    if let Err(e) = store.upsert_host(&row).await {
+        warn!(host = host.id(), error = %e, "cannot record the host's heartbeat");
+        return;
+    }
+    reconcile(cp, host, sandboxes).await;
+}
+
+/// Sandboxes the store places on `host`, against what `host` reports.
+async fn reconcile(cp: &ControlPlane, host: &Arc<dyn Host>, reported: Vec<somna_proto::v1::Sandbox>) {
+    let store = &cp.inner.store;
+    let Ok(rows) = store.sandboxes_on_host(host.id()).await else { return };
+    let by_id: HashMap<String, somna_proto::v1::Sandbox> = reported.into_iter().map(|s| (s.id.clone(), s)).collect();
+    for mut row in rows {
+        match by_id.get(&row.id) {
+            Some(_) if row.state == "destroying" => {
+                let id = row.id.clone();
+                if let Err(e) = cp.destroy_row(row).await {
+                    warn!(%id, error = %e.message(), "finishing a destroy failed");
+                }
+            }
+            Some(rec) => {
+                let state = state_name(somna_proto::v1::SandboxState::try_from(rec.state).unwrap_or_default());
+                let mut fresh = rec.clone();
+                fresh.labels = row.record.labels.clone();
+                if row.state != state || row.record != fresh {
+                    ControlPlane::absorb(&mut row, rec.clone());
+                    if let Err(e) = store.update_sandbox(&row).await {
+                        warn!(id = %row.id, error = %e, "cannot update a sandbox from its host's report");
+                    }
+                }
+            }
+            None if row.state == "destroying" => {
+                let _ = store.delete_sandbox(&row.id).await;
+            }
+            // Still being created: the host lists it once it is under way.
+            None if row.state == "creating" && now_ms() - row.created_ms < 120_000 => {}
+            None if row.state == "failed" => {}
+            None => {
+                warn!(id = %row.id, host = host.id(), "the host no longer has this sandbox");
+                row.state = "failed".into();
+                row.record.failure =
+                    "its host no longer has it (the host agent restarted, or it was removed there)".into();
+                let _ = store.update_sandbox(&row).await;
+            }
+        }
+    }
+}
+
+/// Destroys sandboxes past their timeout.
+async fn expire(cp: &ControlPlane) {
+    let Ok(expired) = cp.inner.store.expired_sandboxes(now_ms()).await else { return };
+    for row in expired {
+        if row.state == "destroying" {
+            continue;
+        }
+        let id = row.id.clone();
+        match cp.destroy_row(row).await {
+            Ok(()) => info!(%id, "sandbox timed out and was destroyed"),
+            Err(e) => warn!(%id, error = %e.message(), "destroying a timed-out sandbox failed"),
+        }
+    }
+}
+
+/// Hosts nobody has heard from within `lost_after` are lost, and so are
+/// their sandboxes (until the host reports again).
+async fn detect_lost_hosts(cp: &ControlPlane) {
+    let store = &cp.inner.store;
+    let Ok(hosts) = store.hosts().await else { return };
+    let limit = cp.inner.config.lost_after.as_millis() as i64;
+    for h in hosts {
+        if h.state != "ready" || now_ms() - h.last_heartbeat_ms <= limit {
+            continue;
+        }
+        warn!(host = %h.id, silent_ms = now_ms() - h.last_heartbeat_ms, "host lost: no heartbeat");
+        if store.set_host_state(&h.id, "lost").await.is_err() {
+            continue;
+        }
+        let Ok(rows) = store.sandboxes_on_host(&h.id).await else { continue };
+        for mut row in rows {
+            if matches!(row.state.as_str(), "running" | "sleeping" | "creating" | "waking") {
+                row.state = "lost".into();
+                let _ = store.update_sandbox(&row).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Flags of a host agent, shared by `somna up` and `somna agent`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use somna_hypervisor_agent::{AccelMode, AgentConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// State directory (VM run directories, templates, image cache).
+    #[arg(long, env = "SOMNA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory with the guest kernel (vmlinux) and initramfs.img.
+    #[arg(long, env = "SOMNA_GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Directory of local OCI image layouts (<dir>/<name>/); repeatable.
+    #[arg(long = "image-dir", env = "SOMNA_IMAGE_DIRS", value_delimiter = ':')]
+    image_dirs: Vec<PathBuf>,
+    /// Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.
+    #[arg(long, env = "SOMNA_ACCEL", default_value = "auto")]
+    accel: AccelMode,
+    /// The QEMU binary.
+    #[arg(long, env = "SOMNA_QEMU")]
+    qemu: Option<PathBuf>,
+    /// Seconds a guest may take to boot before create fails.
+    #[arg(long)]
+    boot_timeout: Option<u64>,
+    /// Name of this host.
+    #[arg(long)]
+    pub host_id: Option<String>,
+    /// Keep N restored, paused VMs of IMAGE ready (IMAGE=N); repeatable.
+    #[arg(long = "warm-pool", value_name = "IMAGE=N")]
+    warm_pools: Vec<somna_hypervisor_agent::WarmPoolSpec>,
+    /// Do not build template snapshots (every create boots).
+    #[arg(long)]
+    no_templates: bool,
+    /// Never contact a registry: only local layouts, oci: and
+    /// docker-archive: images.
+    #[arg(long)]
+    no_registries: bool,
+    /// Registry for names without one (default docker.io).
+    #[arg(long)]
+    default_registry: Option<String>,
+    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Keep the image cache under this many MiB (least recently used
+    /// images that no sandbox uses are removed).
+    #[arg(long)]
+    image_cache_mib: Option<u64>,
+}
+
+impl AgentArgs {
+    pub fn config(self) -> AgentConfig {
+        let mut config = AgentConfig::with_defaults();
+        if let Some(d) = self.data_dir {
+            config.image_dirs = vec![d.join("oci")];
+            config.data_dir = d;
+        }
+        if let Some(d) = self.guest_dir {
+            config.guest_dir = d;
+        }
+        if !self.image_dirs.is_empty() {
+            config.image_dirs = self.image_dirs;
+        }
+        if let Some(q) = self.qemu {
+            config.qemu_binary = q;
+        }
+        if let Some(s) = self.boot_timeout {
+            config.boot_timeout = Duration::from_secs(s);
+        }
+        if let Some(h) = self.host_id {
+            config.host_id = h;
+        }
+        config.accel = self.accel;
+        config.warm_pools = self.warm_pools;
+        config.templates = !self.no_templates;
+        config.images.registry.enabled = !self.no_registries;
+        if let Some(r) = self.default_registry {
+            config.images.registry.default_registry = r;
+        }
+        config.images.registry.insecure_registries = self.insecure_registries;
+        config.images.cache_budget_bytes = self.image_cache_mib.map(|m| m * 1024 * 1024);
+        config
+    }
+}
+
+/// Logs to stderr; `SOMNA_LOG` sets the filter (default info).
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_env("SOMNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Writes a secret to `path`, readable by its owner only.
+pub fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")
+}

@@ -1,0 +1,130 @@
+//! `somna controlplane`: the control plane alone, for hosts that join over
+//! the network (`somna agent --join`). Several replicas may share one
+//! PostgreSQL store.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use somna_controlplane::scheduler::{Overcommit, Policy};
+use somna_controlplane::store::Store;
+use somna_controlplane::{ControlPlane, ControlPlaneConfig};
+
+use crate::agent_args::{init_tracing, shutdown_signal, write_secret};
+
+#[derive(Args)]
+pub struct ControlPlaneArgs {
+    /// Address for the public API.
+    #[arg(long, default_value = "127.0.0.1:7477")]
+    listen: String,
+    /// Address host agents dial (`somna agent --join`).
+    #[arg(long, default_value = "127.0.0.1:7478")]
+    agent_listen: String,
+    /// State store: sqlite:///path/state.db or postgres://user:pass@host/db
+    /// (default: SQLite in the data directory).
+    #[arg(long, env = "SOMNA_STORE")]
+    store: Option<String>,
+    /// Directory for the SQLite store and the first API key.
+    #[arg(long, default_value = "/var/lib/somna-controlplane")]
+    data_dir: PathBuf,
+    /// A join token agents must present (added to the store); without it
+    /// a token is generated on first start and printed.
+    #[arg(long, env = "SOMNA_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// Placement policy: spread or pack.
+    #[arg(long, default_value = "spread")]
+    policy: Policy,
+    /// vCPUs that may be allocated per host CPU.
+    #[arg(long, default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    /// Guest memory that may be allocated per MiB of host memory.
+    #[arg(long, default_value_t = 1.0)]
+    memory_overcommit: f64,
+    /// Seconds without an answer after which a host is lost.
+    #[arg(long, default_value_t = 8)]
+    lost_after: u64,
+}
+
+pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
+    init_tracing();
+    std::fs::create_dir_all(&args.data_dir).context("creating the data directory")?;
+    let url = args
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("state.db").display()));
+    let store = Store::open(&url).await.context("opening the state store")?;
+
+    let new_token = match &args.join_token {
+        Some(t) => {
+            store.add_join_token(&somna_controlplane::auth::hash(t)).await?;
+            None
+        }
+        None if store.join_token_count().await? == 0 => {
+            let t = somna_controlplane::store::random_token(32);
+            store.add_join_token(&somna_controlplane::auth::hash(&t)).await?;
+            write_secret(&args.data_dir.join("join-token"), &t)?;
+            Some(t)
+        }
+        None => None,
+    };
+    // The first start makes the `default` tenant and a key for it.
+    let key_file = args.data_dir.join("api-key");
+    let new_key = if key_file.exists() {
+        None
+    } else {
+        let tenant = store.ensure_tenant("default", None).await?;
+        let key = somna_controlplane::auth::create_key(&store, &tenant.id).await?;
+        write_secret(&key_file, &key.key)?;
+        Some(key.key)
+    };
+
+    let config = ControlPlaneConfig {
+        policy: args.policy,
+        overcommit: Overcommit {
+            cpu: args.cpu_overcommit,
+            memory: args.memory_overcommit,
+        },
+        lost_after: std::time::Duration::from_secs(args.lost_after),
+        ..Default::default()
+    };
+    let cp = ControlPlane::new(store, config);
+    let api = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let agents = tokio::net::TcpListener::bind(&args.agent_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.agent_listen))?;
+    let (api_addr, agent_addr) = (api.local_addr()?, agents.local_addr()?);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "addr": format!("http://{api_addr}"),
+                "agent_addr": agent_addr.to_string(),
+                "api_key": new_key,
+                "join_token": new_token,
+            })
+        );
+    } else {
+        println!("Somna control plane at http://{api_addr}; agents join at {agent_addr}");
+        if let Some(k) = &new_key {
+            println!("  API key (default tenant): {k}  (also in {})", key_file.display());
+        }
+        if let Some(t) = &new_token {
+            println!("  join token: {t}  (somna agent --join {agent_addr} --token {t})");
+        }
+    }
+    // One signal stops both listeners.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let agents_task = tokio::spawn(somna_controlplane::tunnel::serve_agents(cp.clone(), agents, stopped(rx.clone())));
+    somna_controlplane::serve(cp, api, stopped(rx)).await.context("serving the API")?;
+    let _ = agents_task.await;
+    Ok(())
+}

@@ -8,6 +8,8 @@
 //!   somna-bench sleep-wake [--runs 20]     sleep, wake, wake-on-exec latency
 //!   somna-bench create-modes [--runs 20]   cold boot vs template vs warm pool
 //!   somna-bench memory [--clones 10]       host memory: running, asleep, clones
+//!   somna-bench scheduler [--hosts 1000]   placement decisions/s (no VMs)
+//!   somna-bench api-create [--clients 1,10,50] creates/s and latency per client count
 //!
 //! Without `--addr` each run starts its own `somna up` (the binary next to
 //! this one) on the artifacts from `scripts/setup.sh build`.
@@ -18,6 +20,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+mod controlplane;
 mod lifecycle;
 use somna_sdk::{Client, Command, CreateOptions};
 use somna_testkit::{Options, Platform};
@@ -63,6 +66,23 @@ enum Bench {
     Memory {
         #[arg(long, default_value_t = 10)]
         clones: usize,
+    },
+    /// Placement decisions per second over simulated hosts (no platform).
+    Scheduler {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 200_000)]
+        decisions: usize,
+        #[arg(long, default_value = "spread")]
+        policy: somna_controlplane::scheduler::Policy,
+    },
+    /// Creates per second and create latency at several client counts.
+    ApiCreate {
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        clients: Vec<usize>,
+        /// Creates per client count.
+        #[arg(long, default_value_t = 100)]
+        creates: usize,
     },
     Files {
         #[arg(long, default_value_t = 100)]
@@ -113,6 +133,10 @@ pub(crate) fn round(x: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Bench::Scheduler { hosts, decisions, policy } = &cli.bench {
+        println!("{}", controlplane::scheduler_bench(*hosts, *decisions, *policy));
+        return Ok(());
+    }
     let platform = match &cli.addr {
         Some(_) => None,
         None => {
@@ -122,6 +146,11 @@ async fn main() -> anyhow::Result<()> {
             opts.templates = true;
             if matches!(cli.bench, Bench::CreateModes { .. }) {
                 opts.extra_args = vec!["--warm-pool".into(), format!("{}=1", cli.image)];
+            }
+            if let Bench::ApiCreate { clients, .. } = &cli.bench {
+                // Room for every client's sandbox at once on one host.
+                let most = clients.iter().copied().max().unwrap_or(1);
+                opts.extra_args = vec!["--cpu-overcommit".into(), (most as f64).to_string()];
             }
             Some(Platform::start(opts))
         }
@@ -148,6 +177,10 @@ async fn main() -> anyhow::Result<()> {
             lifecycle::memory(&client, p, &cli.image, clones).await?
         }
         Bench::Files { size_mib, runs } => files(&client, &cli.image, size_mib, runs).await?,
+        Bench::ApiCreate { clients, creates } => {
+            controlplane::api_create(&client, &cli.image, &clients, creates).await?
+        }
+        Bench::Scheduler { .. } => anyhow::bail!("the scheduler benchmark runs without a platform"),
     };
     println!("{result}");
     Ok(())

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use somna_proto::v1::{
-    ListHostsRequest, ListHostsResponse, ListImagesRequest, ListImagesResponse, PullImageEvent, PullImageRequest,
-    RemoveImageRequest, RemoveImageResponse,
+    ListHostsRequest, ListHostsResponse, ListImagesRequest, ListImagesResponse, PullImageEvent,
+    PullImageRequest, RemoveImageRequest, RemoveImageResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -36,12 +36,22 @@ impl ControlPlane {
 
 #[tonic::async_trait]
 impl somna_proto::v1::hosts_server::Hosts for ControlPlane {
-    async fn list_hosts(&self, request: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
         self.caller(&request).await?;
         let store = self.store();
-        let rows = store.hosts().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let rows = store
+            .hosts()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let mut alloc: HashMap<String, (u32, u64)> = HashMap::new();
-        for s in store.sandboxes(None).await.map_err(|e| Status::unavailable(e.to_string()))? {
+        for s in store
+            .sandboxes(None)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        {
             if s.holds_capacity() {
                 let e = alloc.entry(s.host_id.clone()).or_default();
                 e.0 += s.cpus as u32;
@@ -55,7 +65,8 @@ impl somna_proto::v1::hosts_server::Hosts for ControlPlane {
                 h.id = r.id.clone();
                 h.state = r.state;
                 h.last_heartbeat_at = Some(prost_types::Timestamp::from(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.last_heartbeat_ms as u64),
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_millis(r.last_heartbeat_ms as u64),
                 ));
                 let (c, m) = alloc.get(&r.id).copied().unwrap_or_default();
                 h.cpus_allocated = c;
@@ -71,23 +82,38 @@ impl somna_proto::v1::hosts_server::Hosts for ControlPlane {
 impl somna_proto::v1::images_server::Images for ControlPlane {
     type PullImageStream = StatusStream<PullImageEvent>;
 
-    async fn pull_image(&self, request: Request<PullImageRequest>) -> Result<Response<Self::PullImageStream>, Status> {
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
         self.caller(&request).await?;
         let reference = request.into_inner().reference;
         if reference.trim().is_empty() {
-            return Err(Status::invalid_argument("reference: is required (e.g. \"busybox\")"));
+            return Err(Status::invalid_argument(
+                "reference: is required (e.g. \"busybox\")",
+            ));
         }
-        Ok(Response::new(self.image_host()?.pull_image(reference).await?))
+        Ok(Response::new(
+            self.image_host()?.pull_image(reference).await?,
+        ))
     }
 
-    async fn list_images(&self, request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+    async fn list_images(
+        &self,
+        request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
         self.caller(&request).await?;
         Ok(Response::new(self.image_host()?.list_images().await?))
     }
 
-    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
         self.caller(&request).await?;
         let reference = request.into_inner().reference;
-        Ok(Response::new(self.image_host()?.remove_image(&reference).await?))
+        Ok(Response::new(
+            self.image_host()?.remove_image(&reference).await?,
+        ))
     }
 }

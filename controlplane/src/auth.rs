@@ -75,16 +75,19 @@ impl Authenticator {
 
     /// The caller of `request`, or UNAUTHENTICATED saying what is wrong.
     pub async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("no API key: send `authorization: Bearer <key>` (set SOMNA_API_KEY)"))?;
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "no API key: send `authorization: Bearer <key>` (set SOMNA_API_KEY)",
+            )
+        })?;
         let value = header
             .to_str()
             .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
         let key = value
             .strip_prefix("Bearer ")
-            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <key>`"))?
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header must be `Bearer <key>`")
+            })?
             .trim();
         self.verify(key).await
     }
@@ -108,7 +111,8 @@ impl Authenticator {
                     .await
                     .map_err(|e| Status::unavailable(format!("cannot check the API key: {e}")))?
                     .ok_or_else(bad)?;
-                self.lock().insert(id.to_string(), (t.clone(), h.clone(), Instant::now()));
+                self.lock()
+                    .insert(id.to_string(), (t.clone(), h.clone(), Instant::now()));
                 (t, h)
             }
         };
@@ -148,16 +152,27 @@ mod tests {
     #[tokio::test]
     async fn create_verify_revoke() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
+            .await
+            .unwrap();
         let t = store.ensure_tenant("t", None).await.unwrap();
         let k = create_key(&store, &t.id).await.unwrap();
         let auth = Authenticator::new(store.clone());
         assert_eq!(auth.verify(&k.key).await.unwrap().tenant_id, t.id);
         let wrong = format!("{}x", k.key);
-        assert_eq!(auth.verify(&wrong).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            auth.verify(&wrong).await.unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let mut req = Request::new(());
-        assert_eq!(auth.caller(&req).await.unwrap_err().code(), tonic::Code::Unauthenticated);
-        req.metadata_mut().insert("authorization", format!("Bearer {}", k.key).parse().unwrap());
+        assert_eq!(
+            auth.caller(&req).await.unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", k.key).parse().unwrap(),
+        );
         assert_eq!(auth.caller(&req).await.unwrap().key_id, k.id);
         store.revoke_api_key(&k.id).await.unwrap();
         auth.forget(&k.id);

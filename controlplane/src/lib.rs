@@ -5,7 +5,8 @@
 //! and hosts ([`store`]: SQLite or PostgreSQL), placement ([`scheduler`]),
 //! sandbox lifecycles (timeouts, host loss), and the connections to host
 //! agents: in-process for `somna up`, or agents that dial in and serve the
-//! host protocol over their connection ([`tunnel`], [`remote`]). Hosts are
+//! host protocol over their connection ([`tunnel`], [`remote`]), optionally
+//! inside mutual TLS ([`tls`]). Hosts are
 //! reached through the [`Host`] trait.
 
 mod api;
@@ -17,6 +18,7 @@ pub mod remote;
 pub mod scheduler;
 mod service;
 pub mod store;
+pub mod tls;
 pub mod tunnel;
 pub mod validate;
 

@@ -20,7 +20,8 @@ pub(crate) fn spawn(cp: &ControlPlane) {
             let Some(inner) = weak.upgrade() else { return };
             let cp = ControlPlane { inner };
             let interval = cp.inner.config.heartbeat;
-            let hosts: Vec<Arc<dyn Host>> = cp.inner.hosts.all().into_iter().map(|c| c.host).collect();
+            let hosts: Vec<Arc<dyn Host>> =
+                cp.inner.hosts.all().into_iter().map(|c| c.host).collect();
             let beats = hosts.iter().map(|h| heartbeat(&cp, h));
             futures::future::join_all(beats).await;
             drop(cp);
@@ -57,7 +58,10 @@ pub(crate) fn spawn(cp: &ControlPlane) {
 /// line with them.
 pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
     let limit = cp.inner.config.heartbeat.max(Duration::from_secs(2));
-    let report = tokio::time::timeout(limit, async { Ok::<_, tonic::Status>((host.info().await?, host.list_sandboxes().await?)) }).await;
+    let report = tokio::time::timeout(limit, async {
+        Ok::<_, tonic::Status>((host.info().await?, host.list_sandboxes().await?))
+    })
+    .await;
     let (info, sandboxes) = match report {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -87,10 +91,17 @@ pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
 }
 
 /// Sandboxes the store places on `host`, against what `host` reports.
-async fn reconcile(cp: &ControlPlane, host: &Arc<dyn Host>, reported: Vec<somna_proto::v1::Sandbox>) {
+async fn reconcile(
+    cp: &ControlPlane,
+    host: &Arc<dyn Host>,
+    reported: Vec<somna_proto::v1::Sandbox>,
+) {
     let store = &cp.inner.store;
-    let Ok(rows) = store.sandboxes_on_host(host.id()).await else { return };
-    let by_id: HashMap<String, somna_proto::v1::Sandbox> = reported.into_iter().map(|s| (s.id.clone(), s)).collect();
+    let Ok(rows) = store.sandboxes_on_host(host.id()).await else {
+        return;
+    };
+    let by_id: HashMap<String, somna_proto::v1::Sandbox> =
+        reported.into_iter().map(|s| (s.id.clone(), s)).collect();
     for mut row in rows {
         match by_id.get(&row.id) {
             Some(_) if row.state == "destroying" => {
@@ -100,7 +111,9 @@ async fn reconcile(cp: &ControlPlane, host: &Arc<dyn Host>, reported: Vec<somna_
                 }
             }
             Some(rec) => {
-                let state = state_name(somna_proto::v1::SandboxState::try_from(rec.state).unwrap_or_default());
+                let state = state_name(
+                    somna_proto::v1::SandboxState::try_from(rec.state).unwrap_or_default(),
+                );
                 let mut fresh = rec.clone();
                 fresh.labels = row.record.labels.clone();
                 if row.state != state || row.record != fresh {
@@ -120,7 +133,8 @@ async fn reconcile(cp: &ControlPlane, host: &Arc<dyn Host>, reported: Vec<somna_
                 warn!(id = %row.id, host = host.id(), "the host no longer has this sandbox");
                 row.state = "failed".into();
                 row.record.failure =
-                    "its host no longer has it (the host agent restarted, or it was removed there)".into();
+                    "its host no longer has it (the host agent restarted, or it was removed there)"
+                        .into();
                 let _ = store.update_sandbox(&row).await;
             }
         }
@@ -129,7 +143,9 @@ async fn reconcile(cp: &ControlPlane, host: &Arc<dyn Host>, reported: Vec<somna_
 
 /// Destroys sandboxes past their timeout.
 async fn expire(cp: &ControlPlane) {
-    let Ok(expired) = cp.inner.store.expired_sandboxes(now_ms()).await else { return };
+    let Ok(expired) = cp.inner.store.expired_sandboxes(now_ms()).await else {
+        return;
+    };
     for row in expired {
         if row.state == "destroying" {
             continue;
@@ -146,7 +162,9 @@ async fn expire(cp: &ControlPlane) {
 /// their sandboxes (until the host reports again).
 async fn detect_lost_hosts(cp: &ControlPlane) {
     let store = &cp.inner.store;
-    let Ok(hosts) = store.hosts().await else { return };
+    let Ok(hosts) = store.hosts().await else {
+        return;
+    };
     let limit = cp.inner.config.lost_after.as_millis() as i64;
     for h in hosts {
         if h.state != "ready" || now_ms() - h.last_heartbeat_ms <= limit {
@@ -156,9 +174,14 @@ async fn detect_lost_hosts(cp: &ControlPlane) {
         if store.set_host_state(&h.id, "lost").await.is_err() {
             continue;
         }
-        let Ok(rows) = store.sandboxes_on_host(&h.id).await else { continue };
+        let Ok(rows) = store.sandboxes_on_host(&h.id).await else {
+            continue;
+        };
         for mut row in rows {
-            if matches!(row.state.as_str(), "running" | "sleeping" | "creating" | "waking") {
+            if matches!(
+                row.state.as_str(),
+                "running" | "sleeping" | "creating" | "waking"
+            ) {
                 row.state = "lost".into();
                 let _ = store.update_sandbox(&row).await;
             }

@@ -42,7 +42,10 @@ impl RemoteHost {
 /// `first` followed by `rest`, as a concrete stream type. (Passing a
 /// combinator chain over a boxed stream to a generated client trips a
 /// compiler limitation with higher-ranked lifetimes in async traits.)
-fn relay<T: Send + 'static>(first: T, mut rest: BoxStream<'static, T>) -> tokio_stream::wrappers::ReceiverStream<T> {
+fn relay<T: Send + 'static>(
+    first: T,
+    mut rest: BoxStream<'static, T>,
+) -> tokio_stream::wrappers::ReceiverStream<T> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         if tx.send(first).await.is_err() {
@@ -63,7 +66,11 @@ impl Host for RemoteHost {
         &self.id
     }
 
-    async fn create_sandbox(&self, id: &str, spec: CreateSandboxRequest) -> Result<Sandbox, Status> {
+    async fn create_sandbox(
+        &self,
+        id: &str,
+        spec: CreateSandboxRequest,
+    ) -> Result<Sandbox, Status> {
         let req = CreateOnHostRequest {
             sandbox_id: id.to_string(),
             spec: Some(spec),
@@ -72,7 +79,11 @@ impl Host for RemoteHost {
     }
 
     async fn get_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
-        Ok(self.rpc().get_sandbox(GetSandboxRequest { id: id.into() }).await?.into_inner())
+        Ok(self
+            .rpc()
+            .get_sandbox(GetSandboxRequest { id: id.into() })
+            .await?
+            .into_inner())
     }
 
     async fn list_sandboxes(&self) -> Result<Vec<Sandbox>, Status> {
@@ -85,16 +96,26 @@ impl Host for RemoteHost {
     }
 
     async fn destroy_sandbox(&self, id: &str) -> Result<(), Status> {
-        self.rpc().destroy_sandbox(DestroySandboxRequest { id: id.into() }).await?;
+        self.rpc()
+            .destroy_sandbox(DestroySandboxRequest { id: id.into() })
+            .await?;
         Ok(())
     }
 
     async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
-        Ok(self.rpc().sleep_sandbox(SleepSandboxRequest { id: id.into() }).await?.into_inner())
+        Ok(self
+            .rpc()
+            .sleep_sandbox(SleepSandboxRequest { id: id.into() })
+            .await?
+            .into_inner())
     }
 
     async fn wake_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
-        Ok(self.rpc().wake_sandbox(WakeSandboxRequest { id: id.into() }).await?.into_inner())
+        Ok(self
+            .rpc()
+            .wake_sandbox(WakeSandboxRequest { id: id.into() })
+            .await?
+            .into_inner())
     }
 
     async fn info(&self) -> Result<somna_proto::v1::Host, Status> {
@@ -111,19 +132,34 @@ impl Host for RemoteHost {
     }
 
     async fn list_images(&self) -> Result<ListImagesResponse, Status> {
-        Ok(self.rpc().list_images(ListImagesRequest {}).await?.into_inner())
+        Ok(self
+            .rpc()
+            .list_images(ListImagesRequest {})
+            .await?
+            .into_inner())
     }
 
     async fn remove_image(&self, reference: &str) -> Result<RemoveImageResponse, Status> {
-        let req = RemoveImageRequest { reference: reference.into() };
+        let req = RemoveImageRequest {
+            reference: reference.into(),
+        };
         Ok(self.rpc().remove_image(req).await?.into_inner())
     }
 
-    async fn exec(&self, start: ExecStart, rest: BoxStream<'static, ExecRequest>) -> Result<StatusStream<ExecResponse>, Status> {
+    async fn exec(
+        &self,
+        start: ExecStart,
+        rest: BoxStream<'static, ExecRequest>,
+    ) -> Result<StatusStream<ExecResponse>, Status> {
         let first = ExecRequest {
             msg: Some(exec_request::Msg::Start(start)),
         };
-        Ok(self.rpc().exec(relay(first, rest)).await?.into_inner().boxed())
+        Ok(self
+            .rpc()
+            .exec(relay(first, rest))
+            .await?
+            .into_inner()
+            .boxed())
     }
 
     async fn read_file(&self, req: ReadFileRequest) -> Result<StatusStream<FileChunk>, Status> {
@@ -138,7 +174,11 @@ impl Host for RemoteHost {
         let first = WriteFileRequest {
             msg: Some(write_file_request::Msg::Start(start)),
         };
-        Ok(self.rpc().write_file(relay(first, rest)).await?.into_inner())
+        Ok(self
+            .rpc()
+            .write_file(relay(first, rest))
+            .await?
+            .into_inner())
     }
 
     async fn stat_file(&self, req: StatFileRequest) -> Result<FileInfo, Status> {
@@ -177,43 +217,77 @@ pub struct HostAdapter {
 
 #[tonic::async_trait]
 impl HostAgent for HostAdapter {
-    async fn create_sandbox(&self, r: Request<CreateOnHostRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn create_sandbox(
+        &self,
+        r: Request<CreateOnHostRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let r = r.into_inner();
-        let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        Ok(Response::new(self.host.create_sandbox(&r.sandbox_id, spec).await?))
+        let spec = r
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        Ok(Response::new(
+            self.host.create_sandbox(&r.sandbox_id, spec).await?,
+        ))
     }
 
-    async fn get_sandbox(&self, r: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        Ok(Response::new(self.host.get_sandbox(&r.into_inner().id).await?))
+    async fn get_sandbox(
+        &self,
+        r: Request<GetSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        Ok(Response::new(
+            self.host.get_sandbox(&r.into_inner().id).await?,
+        ))
     }
 
-    async fn list_sandboxes(&self, _r: Request<ListSandboxesRequest>) -> Result<Response<ListSandboxesResponse>, Status> {
+    async fn list_sandboxes(
+        &self,
+        _r: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
         Ok(Response::new(ListSandboxesResponse {
             sandboxes: self.host.list_sandboxes().await?,
             next_page_token: String::new(),
         }))
     }
 
-    async fn destroy_sandbox(&self, r: Request<DestroySandboxRequest>) -> Result<Response<DestroySandboxResponse>, Status> {
+    async fn destroy_sandbox(
+        &self,
+        r: Request<DestroySandboxRequest>,
+    ) -> Result<Response<DestroySandboxResponse>, Status> {
         self.host.destroy_sandbox(&r.into_inner().id).await?;
         Ok(Response::new(DestroySandboxResponse {}))
     }
 
-    async fn sleep_sandbox(&self, r: Request<SleepSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        Ok(Response::new(self.host.sleep_sandbox(&r.into_inner().id).await?))
+    async fn sleep_sandbox(
+        &self,
+        r: Request<SleepSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        Ok(Response::new(
+            self.host.sleep_sandbox(&r.into_inner().id).await?,
+        ))
     }
 
-    async fn wake_sandbox(&self, r: Request<WakeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        Ok(Response::new(self.host.wake_sandbox(&r.into_inner().id).await?))
+    async fn wake_sandbox(
+        &self,
+        r: Request<WakeSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        Ok(Response::new(
+            self.host.wake_sandbox(&r.into_inner().id).await?,
+        ))
     }
 
-    async fn info(&self, _r: Request<InfoRequest>) -> Result<Response<somna_proto::v1::Host>, Status> {
+    async fn info(
+        &self,
+        _r: Request<InfoRequest>,
+    ) -> Result<Response<somna_proto::v1::Host>, Status> {
         Ok(Response::new(self.host.info().await?))
     }
 
     type ExecStream = StatusStream<ExecResponse>;
 
-    async fn exec(&self, r: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
+    async fn exec(
+        &self,
+        r: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
         let (start, rest) = split_first(r.into_inner(), "exec", |m: ExecRequest| match m.msg {
             Some(exec_request::Msg::Start(s)) => Some(s),
             _ => None,
@@ -224,15 +298,25 @@ impl HostAgent for HostAdapter {
 
     type ReadFileStream = StatusStream<FileChunk>;
 
-    async fn read_file(&self, r: Request<ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+    async fn read_file(
+        &self,
+        r: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
         Ok(Response::new(self.host.read_file(r.into_inner()).await?))
     }
 
-    async fn write_file(&self, r: Request<Streaming<WriteFileRequest>>) -> Result<Response<WriteFileResponse>, Status> {
-        let (start, rest) = split_first(r.into_inner(), "write_file", |m: WriteFileRequest| match m.msg {
-            Some(write_file_request::Msg::Start(s)) => Some(s),
-            _ => None,
-        })
+    async fn write_file(
+        &self,
+        r: Request<Streaming<WriteFileRequest>>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
+        let (start, rest) = split_first(
+            r.into_inner(),
+            "write_file",
+            |m: WriteFileRequest| match m.msg {
+                Some(write_file_request::Msg::Start(s)) => Some(s),
+                _ => None,
+            },
+        )
         .await?;
         Ok(Response::new(self.host.write_file(start, rest).await?))
     }
@@ -241,7 +325,10 @@ impl HostAgent for HostAdapter {
         Ok(Response::new(self.host.stat_file(r.into_inner()).await?))
     }
 
-    async fn list_files(&self, r: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
+    async fn list_files(
+        &self,
+        r: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
         Ok(Response::new(self.host.list_files(r.into_inner()).await?))
     }
 
@@ -249,27 +336,46 @@ impl HostAgent for HostAdapter {
         Ok(Response::new(self.host.make_dir(r.into_inner()).await?))
     }
 
-    async fn remove_file(&self, r: Request<RemoveFileRequest>) -> Result<Response<RemoveFileResponse>, Status> {
+    async fn remove_file(
+        &self,
+        r: Request<RemoveFileRequest>,
+    ) -> Result<Response<RemoveFileResponse>, Status> {
         self.host.remove_file(r.into_inner()).await?;
         Ok(Response::new(RemoveFileResponse {}))
     }
 
-    async fn rename_file(&self, r: Request<RenameFileRequest>) -> Result<Response<RenameFileResponse>, Status> {
+    async fn rename_file(
+        &self,
+        r: Request<RenameFileRequest>,
+    ) -> Result<Response<RenameFileResponse>, Status> {
         self.host.rename_file(r.into_inner()).await?;
         Ok(Response::new(RenameFileResponse {}))
     }
 
     type PullImageStream = StatusStream<PullImageEvent>;
 
-    async fn pull_image(&self, r: Request<PullImageRequest>) -> Result<Response<Self::PullImageStream>, Status> {
-        Ok(Response::new(self.host.pull_image(r.into_inner().reference).await?))
+    async fn pull_image(
+        &self,
+        r: Request<PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        Ok(Response::new(
+            self.host.pull_image(r.into_inner().reference).await?,
+        ))
     }
 
-    async fn list_images(&self, _r: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+    async fn list_images(
+        &self,
+        _r: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
         Ok(Response::new(self.host.list_images().await?))
     }
 
-    async fn remove_image(&self, r: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
-        Ok(Response::new(self.host.remove_image(&r.into_inner().reference).await?))
+    async fn remove_image(
+        &self,
+        r: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        Ok(Response::new(
+            self.host.remove_image(&r.into_inner().reference).await?,
+        ))
     }
 }

@@ -22,7 +22,9 @@ impl std::str::FromStr for Policy {
         match s {
             "spread" => Ok(Policy::Spread),
             "pack" => Ok(Policy::Pack),
-            other => Err(format!("unknown placement policy {other:?}: use spread or pack")),
+            other => Err(format!(
+                "unknown placement policy {other:?}: use spread or pack"
+            )),
         }
     }
 }
@@ -38,7 +40,10 @@ impl Default for Overcommit {
     fn default() -> Self {
         // vCPUs of idle sandboxes mostly wait; guest RAM is touched lazily
         // but is not given back, so memory is not overcommitted by default.
-        Overcommit { cpu: 4.0, memory: 1.0 }
+        Overcommit {
+            cpu: 4.0,
+            memory: 1.0,
+        }
     }
 }
 
@@ -83,13 +88,21 @@ pub struct NoFit {
     pub why: String,
 }
 
-const WARM_POOL: f64 = 100.0;
-const TEMPLATE: f64 = 40.0;
-const IMAGE_CACHED: f64 = 20.0;
-const LOAD: f64 = 30.0;
+// Load is worth up to 100 points, so locality outweighs a load difference
+// of up to 60 (warm pool), 20 (template) or 10 (image cache) percentage
+// points: a cached image must not pull every sandbox onto one host.
+const WARM_POOL: f64 = 60.0;
+const TEMPLATE: f64 = 20.0;
+const IMAGE_CACHED: f64 = 10.0;
+const LOAD: f64 = 100.0;
 
 /// Picks the best host for `demand`.
-pub fn place(demand: &Demand, hosts: &[HostView], policy: Policy, over: Overcommit) -> Result<Decision, NoFit> {
+pub fn place(
+    demand: &Demand,
+    hosts: &[HostView],
+    policy: Policy,
+    over: Overcommit,
+) -> Result<Decision, NoFit> {
     let mut best: Option<(usize, f64)> = None;
     let (mut not_ready, mut no_caps, mut no_cpu, mut no_mem) = (0, 0, 0, 0);
     for (i, h) in hosts.iter().enumerate() {
@@ -97,7 +110,11 @@ pub fn place(demand: &Demand, hosts: &[HostView], policy: Policy, over: Overcomm
             not_ready += 1;
             continue;
         }
-        if !demand.capabilities.iter().all(|c| h.capabilities.contains(c)) {
+        if !demand
+            .capabilities
+            .iter()
+            .all(|c| h.capabilities.contains(c))
+        {
             no_caps += 1;
             continue;
         }
@@ -221,19 +238,76 @@ mod tests {
     fn spread_and_pack_choose_opposite_ends() {
         let hosts = vec![host("a", 2, 4096), host("b", 0, 0), host("c", 1, 1024)];
         let over = Overcommit::default();
-        assert_eq!(place(&demand(1, 512), &hosts, Policy::Spread, over).unwrap().host, 1);
-        assert_eq!(place(&demand(1, 512), &hosts, Policy::Pack, over).unwrap().host, 0);
+        assert_eq!(
+            place(&demand(1, 512), &hosts, Policy::Spread, over)
+                .unwrap()
+                .host,
+            1
+        );
+        assert_eq!(
+            place(&demand(1, 512), &hosts, Policy::Pack, over)
+                .unwrap()
+                .host,
+            0
+        );
     }
 
     #[test]
     fn locality_beats_load() {
-        let mut hosts = vec![host("a", 2, 4096), host("b", 0, 0)];
+        let mut hosts = vec![host("a", 1, 1024), host("b", 0, 0)];
         hosts[0].has_template = true;
-        let d = place(&demand(1, 512), &hosts, Policy::Spread, Overcommit::default()).unwrap();
+        let d = place(
+            &demand(1, 512),
+            &hosts,
+            Policy::Spread,
+            Overcommit::default(),
+        )
+        .unwrap();
         assert_eq!(d.host, 0);
         assert!(d.reasons.contains("template"), "{}", d.reasons);
         hosts[1].warm_pool_ready = true;
-        assert_eq!(place(&demand(1, 512), &hosts, Policy::Spread, Overcommit::default()).unwrap().host, 1);
+        assert_eq!(
+            place(
+                &demand(1, 512),
+                &hosts,
+                Policy::Spread,
+                Overcommit::default()
+            )
+            .unwrap()
+            .host,
+            1
+        );
+    }
+
+    #[test]
+    fn a_cached_image_does_not_outweigh_spreading() {
+        // 12.5 points of load apart: spreading wins over the cache...
+        let mut hosts = vec![host("a", 2, 1024), host("b", 0, 0)];
+        hosts[0].image_cached = true;
+        let d = place(
+            &demand(1, 512),
+            &hosts,
+            Policy::Spread,
+            Overcommit::default(),
+        )
+        .unwrap();
+        assert_eq!(d.host, 1, "{}", d.reasons);
+        // ...6.25 points apart: the cache breaks the near-tie.
+        hosts[0] = HostView {
+            image_cached: true,
+            ..host("a", 1, 512)
+        };
+        assert_eq!(
+            place(
+                &demand(1, 512),
+                &hosts,
+                Policy::Spread,
+                Overcommit::default()
+            )
+            .unwrap()
+            .host,
+            0
+        );
     }
 
     #[test]
@@ -241,7 +315,10 @@ mod tests {
         let mut hosts = vec![host("a", 0, 8000), host("b", 16, 0)];
         let over = Overcommit::default();
         let err = place(&demand(1, 512), &hosts, Policy::Spread, over).unwrap_err();
-        assert!(err.why.contains("out of memory") && err.why.contains("out of vCPUs"), "{err}");
+        assert!(
+            err.why.contains("out of memory") && err.why.contains("out of vCPUs"),
+            "{err}"
+        );
         hosts.push(host("c", 0, 0));
         hosts[2].ready = false;
         let err = place(&demand(1, 512), &hosts, Policy::Spread, over).unwrap_err();
@@ -251,17 +328,49 @@ mod tests {
             capabilities: vec!["gpu".into()],
             ..demand(1, 512)
         };
-        assert!(place(&gpu, &hosts, Policy::Spread, over).unwrap_err().why.contains("capability"));
+        assert!(
+            place(&gpu, &hosts, Policy::Spread, over)
+                .unwrap_err()
+                .why
+                .contains("capability")
+        );
         hosts[2].capabilities = vec!["gpu".into()];
         assert_eq!(place(&gpu, &hosts, Policy::Spread, over).unwrap().host, 2);
-        assert!(place(&demand(1, 1), &[], Policy::Spread, over).unwrap_err().why.contains("no host"));
+        assert!(
+            place(&demand(1, 1), &[], Policy::Spread, over)
+                .unwrap_err()
+                .why
+                .contains("no host")
+        );
     }
 
     #[test]
     fn overcommit_ratios_apply() {
         let hosts = vec![host("a", 15, 0)];
         let d = demand(1, 512);
-        assert!(place(&d, &hosts, Policy::Spread, Overcommit { cpu: 4.0, memory: 1.0 }).is_ok());
-        assert!(place(&d, &hosts, Policy::Spread, Overcommit { cpu: 1.0, memory: 1.0 }).is_err());
+        assert!(
+            place(
+                &d,
+                &hosts,
+                Policy::Spread,
+                Overcommit {
+                    cpu: 4.0,
+                    memory: 1.0
+                }
+            )
+            .is_ok()
+        );
+        assert!(
+            place(
+                &d,
+                &hosts,
+                Policy::Spread,
+                Overcommit {
+                    cpu: 1.0,
+                    memory: 1.0
+                }
+            )
+            .is_err()
+        );
     }
 }

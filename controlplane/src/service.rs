@@ -10,11 +10,12 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use somna_proto::v1::sandboxes_server::Sandboxes;
 use somna_proto::v1::{
-    CreateSandboxRequest, DestroySandboxRequest, DestroySandboxResponse, ExecRequest, ExecResponse, FileChunk,
-    FileInfo, GetSandboxRequest, ListFilesRequest, ListFilesResponse, ListSandboxesRequest, ListSandboxesResponse,
-    MakeDirRequest, ReadFileRequest, RemoveFileRequest, RemoveFileResponse, RenameFileRequest, RenameFileResponse,
-    Sandbox, SandboxState, SetSandboxTimeoutRequest, SleepSandboxRequest, StatFileRequest, WakeSandboxRequest,
-    WriteFileRequest, WriteFileResponse, exec_request, write_file_request,
+    CreateSandboxRequest, DestroySandboxRequest, DestroySandboxResponse, ExecRequest, ExecResponse,
+    FileChunk, FileInfo, GetSandboxRequest, ListFilesRequest, ListFilesResponse,
+    ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest, ReadFileRequest,
+    RemoveFileRequest, RemoveFileResponse, RenameFileRequest, RenameFileResponse, Sandbox,
+    SandboxState, SetSandboxTimeoutRequest, SleepSandboxRequest, StatFileRequest,
+    WakeSandboxRequest, WriteFileRequest, WriteFileResponse, exec_request, write_file_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -157,7 +158,12 @@ impl ControlPlane {
     /// Checks an agent's join token.
     pub(crate) async fn check_join(&self, host_id: &str, token: &str) -> Result<(), String> {
         validate::host_id(host_id).map_err(|s| s.message().to_string())?;
-        match self.inner.store.has_join_token(&crate::auth::hash(token)).await {
+        match self
+            .inner
+            .store
+            .has_join_token(&crate::auth::hash(token))
+            .await
+        {
             Ok(true) => Ok(()),
             Ok(false) => Err("invalid join token".into()),
             Err(e) => Err(format!("cannot check the join token: {e}")),
@@ -183,7 +189,11 @@ impl ControlPlane {
     }
 
     /// The host serving a sandbox, for calls that need the VM.
-    async fn route(&self, caller: &Caller, id: &str) -> Result<(SandboxRow, Arc<dyn Host>), Status> {
+    async fn route(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(SandboxRow, Arc<dyn Host>), Status> {
         let row = self.row(caller, id).await?;
         if row.state == "lost" {
             return Err(Status::unavailable(format!(
@@ -192,7 +202,10 @@ impl ControlPlane {
             )));
         }
         let host = self.inner.hosts.get(&row.host_id).ok_or_else(|| {
-            Status::unavailable(format!("sandbox {id}'s host {} is not connected to this control plane", row.host_id))
+            Status::unavailable(format!(
+                "sandbox {id}'s host {} is not connected to this control plane",
+                row.host_id
+            ))
         })?;
         Ok((row, host))
     }
@@ -205,9 +218,9 @@ impl ControlPlane {
         s.host = row.host_id.clone();
         s.state = state_from_name(&row.state) as i32;
         s.request_id = row.request_id.clone().unwrap_or_default();
-        s.expires_at = row
-            .expires_ms
-            .map(|ms| prost_types::Timestamp::from(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64)));
+        s.expires_at = row.expires_ms.map(|ms| {
+            prost_types::Timestamp::from(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64))
+        });
         s
     }
 
@@ -215,17 +228,27 @@ impl ControlPlane {
     /// control plane's own fields).
     pub(crate) fn absorb(row: &mut SandboxRow, from_host: Sandbox) {
         let labels = std::mem::take(&mut row.record.labels);
-        row.state = state_name(SandboxState::try_from(from_host.state).unwrap_or(SandboxState::Unspecified)).into();
+        row.state = state_name(
+            SandboxState::try_from(from_host.state).unwrap_or(SandboxState::Unspecified),
+        )
+        .into();
         row.record = from_host;
         row.record.labels = labels;
     }
 
     async fn save(&self, row: &SandboxRow) -> Result<(), Status> {
-        self.inner.store.update_sandbox(row).await.map_err(store_err)
+        self.inner
+            .store
+            .update_sandbox(row)
+            .await
+            .map_err(store_err)
     }
 
     /// Scheduler views of the ready hosts, with what is placed on them.
-    async fn host_views(&self, demand_image: &str) -> Result<(Vec<HostView>, Vec<Arc<dyn Host>>), Status> {
+    async fn host_views(
+        &self,
+        demand_image: &str,
+    ) -> Result<(Vec<HostView>, Vec<Arc<dyn Host>>), Status> {
         let mut alloc: HashMap<String, (u32, u64)> = HashMap::new();
         for r in self.inner.store.sandboxes(None).await.map_err(store_err)? {
             if r.holds_capacity() {
@@ -239,7 +262,8 @@ impl ControlPlane {
         let mut hosts = Vec::new();
         for c in self.inner.hosts.all() {
             let Some(info) = c.info else { continue };
-            let (cpus_allocated, memory_allocated_mib) = alloc.get(c.host.id()).copied().unwrap_or_default();
+            let (cpus_allocated, memory_allocated_mib) =
+                alloc.get(c.host.id()).copied().unwrap_or_default();
             views.push(HostView {
                 id: c.host.id().to_string(),
                 ready: c.last_ok.elapsed() < self.inner.config.lost_after,
@@ -247,9 +271,18 @@ impl ControlPlane {
                 memory_mib: info.memory_mib,
                 cpus_allocated,
                 memory_allocated_mib,
-                warm_pool_ready: info.warm_pools.iter().any(|p| p.ready > 0 && normalize_image(&p.image) == image),
-                has_template: info.templates.iter().any(|t| normalize_image(&t.image) == image),
-                image_cached: info.cached_images.iter().any(|r| normalize_image(r) == image),
+                warm_pool_ready: info
+                    .warm_pools
+                    .iter()
+                    .any(|p| p.ready > 0 && normalize_image(&p.image) == image),
+                has_template: info
+                    .templates
+                    .iter()
+                    .any(|t| normalize_image(&t.image) == image),
+                image_cached: info
+                    .cached_images
+                    .iter()
+                    .any(|r| normalize_image(r) == image),
                 capabilities: info.capabilities.clone(),
             });
             hosts.push(c.host);
@@ -272,12 +305,18 @@ impl ControlPlane {
             Err(e) if e.code() == tonic::Code::Unavailable => return Ok(()),
             Err(e) => return Err(e),
         }
-        self.inner.store.delete_sandbox(&row.id).await.map_err(store_err)
+        self.inner
+            .store
+            .delete_sandbox(&row.id)
+            .await
+            .map_err(store_err)
     }
 
     /// Destroys every sandbox placed on `host_id` (shutdown of `somna up`).
     pub async fn destroy_all_on(&self, host_id: &str) {
-        let Ok(rows) = self.inner.store.sandboxes_on_host(host_id).await else { return };
+        let Ok(rows) = self.inner.store.sandboxes_on_host(host_id).await else {
+            return;
+        };
         for row in rows {
             let id = row.id.clone();
             if let Err(e) = self.destroy_row(row).await {
@@ -290,7 +329,11 @@ impl ControlPlane {
 /// `busybox` and `busybox:latest` are the same image for locality.
 fn normalize_image(r: &str) -> String {
     let last = r.rsplit('/').next().unwrap_or(r);
-    if last.contains(':') || r.contains('@') { r.to_string() } else { format!("{r}:latest") }
+    if last.contains(':') || r.contains('@') {
+        r.to_string()
+    } else {
+        format!("{r}:latest")
+    }
 }
 
 /// Takes the first message of a client stream, which must be of the
@@ -300,11 +343,14 @@ pub(crate) async fn split_first<M: Send + 'static, F: Send + 'static>(
     what: &str,
     pick: impl FnOnce(M) -> Option<F>,
 ) -> Result<(F, BoxStream<'static, M>), Status> {
-    let first = stream
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument(format!("{what} stream is empty; send the start message first")))?;
-    let start = pick(first).ok_or_else(|| Status::invalid_argument(format!("the first {what} message must be start")))?;
+    let first = stream.message().await?.ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "{what} stream is empty; send the start message first"
+        ))
+    })?;
+    let start = pick(first).ok_or_else(|| {
+        Status::invalid_argument(format!("the first {what} message must be start"))
+    })?;
     let rest = stream
         .take_while(|r| futures::future::ready(r.is_ok()))
         .filter_map(|r| futures::future::ready(r.ok()))
@@ -317,7 +363,10 @@ const MAX_PAGE: usize = 1000;
 
 #[tonic::async_trait]
 impl Sandboxes for ControlPlane {
-    async fn create_sandbox(&self, request: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
         let mut req = request.into_inner();
         validate::create(&req)?;
@@ -334,7 +383,10 @@ impl Sandboxes for ControlPlane {
         let store = &self.inner.store;
         let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
         if let Some(rid) = &request_id
-            && let Some(existing) = store.sandbox_by_request(&caller.tenant_id, rid).await.map_err(store_err)?
+            && let Some(existing) = store
+                .sandbox_by_request(&caller.tenant_id, rid)
+                .await
+                .map_err(store_err)?
         {
             return Ok(Response::new(Self::view(&existing)));
         }
@@ -345,7 +397,8 @@ impl Sandboxes for ControlPlane {
             .ok_or_else(|| Status::unauthenticated("the API key's tenant no longer exists"))?;
         let id = format!("sbx-{}", random_token(12));
         let now = now_ms();
-        let expires_ms = (req.timeout_seconds > 0).then(|| now + (req.timeout_seconds as i64) * 1000);
+        let expires_ms =
+            (req.timeout_seconds > 0).then(|| now + (req.timeout_seconds as i64) * 1000);
         let demand = Demand {
             cpus: req.cpus,
             memory_mib: req.memory_mib as u64,
@@ -417,7 +470,9 @@ impl Sandboxes for ControlPlane {
                 .sandbox_by_request(&caller.tenant_id, &rid)
                 .await
                 .map_err(store_err)?
-                .ok_or_else(|| Status::aborted("a concurrent create with this request id failed; retry"))?;
+                .ok_or_else(|| {
+                    Status::aborted("a concurrent create with this request id failed; retry")
+                })?;
             return Ok(Response::new(Self::view(&existing)));
         };
         match host.create_sandbox(&id, req).await {
@@ -435,7 +490,10 @@ impl Sandboxes for ControlPlane {
         }
     }
 
-    async fn get_sandbox(&self, request: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn get_sandbox(
+        &self,
+        request: Request<GetSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
         let row = self.row(&caller, &request.into_inner().id).await?;
         Ok(Response::new(Self::view(&row)))
@@ -451,14 +509,25 @@ impl Sandboxes for ControlPlane {
         let page = match req.page_size as usize {
             0 => DEFAULT_PAGE,
             n if n > MAX_PAGE => {
-                return Err(Status::invalid_argument(format!("page_size {n} is more than {MAX_PAGE}")));
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} is more than {MAX_PAGE}"
+                )));
             }
             n => n,
         };
-        let rows = self.inner.store.sandboxes(Some(&caller.tenant_id)).await.map_err(store_err)?;
+        let rows = self
+            .inner
+            .store
+            .sandboxes(Some(&caller.tenant_id))
+            .await
+            .map_err(store_err)?;
         let matching: Vec<&SandboxRow> = rows
             .iter()
-            .filter(|r| req.labels.iter().all(|(k, v)| r.record.labels.get(k) == Some(v)))
+            .filter(|r| {
+                req.labels
+                    .iter()
+                    .all(|(k, v)| r.record.labels.get(k) == Some(v))
+            })
             .collect();
         let start = if req.page_token.is_empty() {
             0
@@ -467,7 +536,11 @@ impl Sandboxes for ControlPlane {
                 .iter()
                 .position(|r| r.id == req.page_token)
                 .map(|p| p + 1)
-                .ok_or_else(|| Status::invalid_argument("page_token is not from this listing (or its sandbox is gone)"))?
+                .ok_or_else(|| {
+                    Status::invalid_argument(
+                        "page_token is not from this listing (or its sandbox is gone)",
+                    )
+                })?
         };
         let slice = &matching[start.min(matching.len())..];
         let taken: Vec<Sandbox> = slice.iter().take(page).map(|r| Self::view(r)).collect();
@@ -492,7 +565,10 @@ impl Sandboxes for ControlPlane {
         Ok(Response::new(DestroySandboxResponse {}))
     }
 
-    async fn sleep_sandbox(&self, request: Request<SleepSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn sleep_sandbox(
+        &self,
+        request: Request<SleepSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
         let (mut row, host) = self.route(&caller, &request.into_inner().id).await?;
         let record = host.sleep_sandbox(&row.id).await?;
@@ -501,7 +577,10 @@ impl Sandboxes for ControlPlane {
         Ok(Response::new(Self::view(&row)))
     }
 
-    async fn wake_sandbox(&self, request: Request<WakeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+    async fn wake_sandbox(
+        &self,
+        request: Request<WakeSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
         let (mut row, host) = self.route(&caller, &request.into_inner().id).await?;
         row.state = "waking".into();
@@ -533,66 +612,93 @@ impl Sandboxes for ControlPlane {
         let req = request.into_inner();
         validate::timeout("timeout_seconds", req.timeout_seconds)?;
         let mut row = self.row(&caller, &req.id).await?;
-        row.expires_ms = (req.timeout_seconds > 0).then(|| now_ms() + (req.timeout_seconds as i64) * 1000);
+        row.expires_ms =
+            (req.timeout_seconds > 0).then(|| now_ms() + (req.timeout_seconds as i64) * 1000);
         self.save(&row).await?;
         Ok(Response::new(Self::view(&row)))
     }
 
     type ExecStream = StatusStream<ExecResponse>;
 
-    async fn exec(&self, request: Request<Streaming<ExecRequest>>) -> Result<Response<Self::ExecStream>, Status> {
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
         let caller = self.caller(&request).await?;
-        let (start, rest) = split_first(request.into_inner(), "exec", |m: ExecRequest| match m.msg {
-            Some(exec_request::Msg::Start(s)) => Some(s),
-            _ => None,
-        })
-        .await?;
+        let (start, rest) =
+            split_first(request.into_inner(), "exec", |m: ExecRequest| match m.msg {
+                Some(exec_request::Msg::Start(s)) => Some(s),
+                _ => None,
+            })
+            .await?;
         let (_, host) = self.route(&caller, &start.sandbox_id).await?;
         Ok(Response::new(host.exec(start, rest).await?))
     }
 
     type ReadFileStream = StatusStream<FileChunk>;
 
-    async fn read_file(&self, request: Request<ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+    async fn read_file(
+        &self,
+        request: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let (_, host) = self.route(&caller, &req.sandbox_id).await?;
         Ok(Response::new(host.read_file(req).await?))
     }
 
-    async fn write_file(&self, request: Request<Streaming<WriteFileRequest>>) -> Result<Response<WriteFileResponse>, Status> {
+    async fn write_file(
+        &self,
+        request: Request<Streaming<WriteFileRequest>>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let (start, rest) = split_first(request.into_inner(), "write_file", |m: WriteFileRequest| match m.msg {
-            Some(write_file_request::Msg::Start(s)) => Some(s),
-            _ => None,
-        })
+        let (start, rest) = split_first(
+            request.into_inner(),
+            "write_file",
+            |m: WriteFileRequest| match m.msg {
+                Some(write_file_request::Msg::Start(s)) => Some(s),
+                _ => None,
+            },
+        )
         .await?;
         let (_, host) = self.route(&caller, &start.sandbox_id).await?;
         Ok(Response::new(host.write_file(start, rest).await?))
     }
 
-    async fn stat_file(&self, request: Request<StatFileRequest>) -> Result<Response<FileInfo>, Status> {
+    async fn stat_file(
+        &self,
+        request: Request<StatFileRequest>,
+    ) -> Result<Response<FileInfo>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let (_, host) = self.route(&caller, &req.sandbox_id).await?;
         Ok(Response::new(host.stat_file(req).await?))
     }
 
-    async fn list_files(&self, request: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
+    async fn list_files(
+        &self,
+        request: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let (_, host) = self.route(&caller, &req.sandbox_id).await?;
         Ok(Response::new(host.list_files(req).await?))
     }
 
-    async fn make_dir(&self, request: Request<MakeDirRequest>) -> Result<Response<FileInfo>, Status> {
+    async fn make_dir(
+        &self,
+        request: Request<MakeDirRequest>,
+    ) -> Result<Response<FileInfo>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let (_, host) = self.route(&caller, &req.sandbox_id).await?;
         Ok(Response::new(host.make_dir(req).await?))
     }
 
-    async fn remove_file(&self, request: Request<RemoveFileRequest>) -> Result<Response<RemoveFileResponse>, Status> {
+    async fn remove_file(
+        &self,
+        request: Request<RemoveFileRequest>,
+    ) -> Result<Response<RemoveFileResponse>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let (_, host) = self.route(&caller, &req.sandbox_id).await?;
@@ -600,7 +706,10 @@ impl Sandboxes for ControlPlane {
         Ok(Response::new(RemoveFileResponse {}))
     }
 
-    async fn rename_file(&self, request: Request<RenameFileRequest>) -> Result<Response<RenameFileResponse>, Status> {
+    async fn rename_file(
+        &self,
+        request: Request<RenameFileRequest>,
+    ) -> Result<Response<RenameFileResponse>, Status> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let (_, host) = self.route(&caller, &req.sandbox_id).await?;

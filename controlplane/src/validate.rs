@@ -21,17 +21,26 @@ pub fn create(r: &CreateSandboxRequest) -> Result<(), Status> {
         return Err(invalid("cpus", format!("{} is more than 256", r.cpus)));
     }
     if r.memory_mib != 0 && r.memory_mib < 64 {
-        return Err(invalid("memory_mib", format!("{} is less than 64", r.memory_mib)));
+        return Err(invalid(
+            "memory_mib",
+            format!("{} is less than 64", r.memory_mib),
+        ));
     }
     timeout("timeout_seconds", r.timeout_seconds)?;
     timeout("idle_timeout_seconds", r.idle_timeout_seconds)?;
     labels("labels", &r.labels)?;
     if r.request_id.len() > 128 || r.request_id.chars().any(|c| c.is_control()) {
-        return Err(invalid("request_id", "must be at most 128 printable characters"));
+        return Err(invalid(
+            "request_id",
+            "must be at most 128 printable characters",
+        ));
     }
     for k in r.env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(invalid("env", format!("{k:?} is not a valid variable name")));
+            return Err(invalid(
+                "env",
+                format!("{k:?} is not a valid variable name"),
+            ));
         }
     }
     Ok(())
@@ -39,7 +48,10 @@ pub fn create(r: &CreateSandboxRequest) -> Result<(), Status> {
 
 pub fn timeout(field: &str, secs: u64) -> Result<(), Status> {
     if secs > MAX_TIMEOUT_SECONDS {
-        return Err(invalid(field, format!("{secs} is more than the maximum {MAX_TIMEOUT_SECONDS}")));
+        return Err(invalid(
+            field,
+            format!("{secs} is more than the maximum {MAX_TIMEOUT_SECONDS}"),
+        ));
     }
     Ok(())
 }
@@ -48,26 +60,44 @@ pub fn timeout(field: &str, secs: u64) -> Result<(), Status> {
 /// up to 255 bytes without control characters.
 pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<(), Status> {
     if labels.len() > MAX_LABELS {
-        return Err(invalid(field, format!("{} labels is more than {MAX_LABELS}", labels.len())));
+        return Err(invalid(
+            field,
+            format!("{} labels is more than {MAX_LABELS}", labels.len()),
+        ));
     }
     for (k, v) in labels {
         let key_ok = !k.is_empty()
             && k.len() <= 63
             && k.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._/-".contains(c));
+            && k.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._/-".contains(c));
         if !key_ok {
-            return Err(invalid(field, format!("key {k:?} must be 1-63 of [a-z0-9._/-]")));
+            return Err(invalid(
+                field,
+                format!("key {k:?} must be 1-63 of [a-z0-9._/-]"),
+            ));
         }
         if v.len() > 255 || v.chars().any(|c| c.is_control()) {
-            return Err(invalid(field, format!("value of {k:?} must be at most 255 printable bytes")));
+            return Err(invalid(
+                field,
+                format!("value of {k:?} must be at most 255 printable bytes"),
+            ));
         }
     }
     Ok(())
 }
 
 pub fn host_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > 63 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(invalid("host_id", format!("{id:?} must be 1-63 of [A-Za-z0-9._-]")));
+    if id.is_empty()
+        || id.len() > 63
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(invalid(
+            "host_id",
+            format!("{id:?} must be 1-63 of [A-Za-z0-9._-]"),
+        ));
     }
     Ok(())
 }
@@ -78,10 +108,18 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let mut r = CreateSandboxRequest { image: "busybox".into(), ..Default::default() };
+        let mut r = CreateSandboxRequest {
+            image: "busybox".into(),
+            ..Default::default()
+        };
         assert!(create(&r).is_ok());
         r.timeout_seconds = MAX_TIMEOUT_SECONDS + 1;
-        assert!(create(&r).unwrap_err().message().starts_with("timeout_seconds:"));
+        assert!(
+            create(&r)
+                .unwrap_err()
+                .message()
+                .starts_with("timeout_seconds:")
+        );
         r.timeout_seconds = 0;
         r.labels.insert("Bad Key".into(), "x".into());
         assert!(create(&r).unwrap_err().message().starts_with("labels:"));

@@ -66,7 +66,9 @@ pub(super) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreErr
         let mut tx = pool.begin().await?;
         if backend == Backend::Postgres {
             // Replicas starting together: one migrates, the others wait.
-            sqlx::query("SELECT pg_advisory_xact_lock(7366210)").execute(&mut *tx).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(7366210)")
+                .execute(&mut *tx)
+                .await?;
         }
         let done = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
             .bind(version)
@@ -84,7 +86,10 @@ pub(super) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreErr
             sqlx::query(sqlx::AssertSqlSafe(statement.to_string()))
                 .execute(&mut *tx)
                 .await
-                .map_err(|source| StoreError::Migration { version: *version, source })?;
+                .map_err(|source| StoreError::Migration {
+                    version: *version,
+                    source,
+                })?;
         }
         sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
             .bind(version)

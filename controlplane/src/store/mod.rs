@@ -24,7 +24,9 @@ pub enum StoreError {
     Migration { version: i64, source: sqlx::Error },
     #[error("state store: a stored record is unreadable: {0}")]
     Corrupt(String),
-    #[error("unsupported state store URL {0:?}: use sqlite:///path/to/file.db or postgres://user:pass@host/db")]
+    #[error(
+        "unsupported state store URL {0:?}: use sqlite:///path/to/file.db or postgres://user:pass@host/db"
+    )]
     UnsupportedUrl(String),
 }
 
@@ -44,7 +46,8 @@ const LEADER_LOCK: i64 = 0x736f_6d6e_6102;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    /// SQLite has one writer (this process): placement is serialised here.
+    /// Placement is serialised within this process (and, on PostgreSQL,
+    /// across replicas by an advisory lock taken while holding this).
     local_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -87,9 +90,14 @@ impl Store {
             .max_connections(if backend == Backend::Sqlite { 1 } else { 16 })
             .connect(&url_with_mode)
             .await
-            .map_err(|source| StoreError::Open { url: redact(url), source })?;
+            .map_err(|source| StoreError::Open {
+                url: redact(url),
+                source,
+            })?;
         if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
             sqlx::query("PRAGMA foreign_keys=ON").execute(&pool).await?;
         }
         let store = Store {
@@ -109,7 +117,11 @@ impl Store {
 
     /// The tenant called `name`, created with `quotas` if it does not exist;
     /// an existing tenant's quotas are updated when `quotas` is given.
-    pub async fn ensure_tenant(&self, name: &str, quotas: Option<TenantQuotas>) -> Result<Tenant, StoreError> {
+    pub async fn ensure_tenant(
+        &self,
+        name: &str,
+        quotas: Option<TenantQuotas>,
+    ) -> Result<Tenant, StoreError> {
         if let Some(t) = self.tenant_by_name(name).await? {
             if let Some(q) = quotas {
                 sqlx::query("UPDATE tenants SET max_sandboxes = $1, max_vcpus = $2, max_memory_mib = $3 WHERE id = $4")
@@ -143,10 +155,12 @@ impl Store {
     }
 
     pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
-        let row = sqlx::query("SELECT id, name, max_sandboxes, max_vcpus, max_memory_mib FROM tenants WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, name, max_sandboxes, max_vcpus, max_memory_mib FROM tenants WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| Tenant::from_row(&r)).transpose()?)
     }
 
@@ -159,7 +173,12 @@ impl Store {
     }
 
     /// Stores an API key (its id and the hash of its secret).
-    pub async fn add_api_key(&self, key_id: &str, tenant_id: &str, secret_hash: &str) -> Result<(), StoreError> {
+    pub async fn add_api_key(
+        &self,
+        key_id: &str,
+        tenant_id: &str,
+        secret_hash: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO api_keys (id, tenant_id, secret_hash, created_ms, revoked) VALUES ($1, $2, $3, $4, 0)")
             .bind(key_id)
             .bind(tenant_id)
@@ -172,10 +191,12 @@ impl Store {
 
     /// (tenant id, secret hash) of a live key.
     pub async fn api_key(&self, key_id: &str) -> Result<Option<(String, String)>, StoreError> {
-        let row = sqlx::query("SELECT tenant_id, secret_hash FROM api_keys WHERE id = $1 AND revoked = 0")
-            .bind(key_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT tenant_id, secret_hash FROM api_keys WHERE id = $1 AND revoked = 0",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))))
     }
 
@@ -205,7 +226,9 @@ impl Store {
     }
 
     pub async fn join_token_count(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM join_tokens").fetch_one(&self.pool).await?;
+        let row = sqlx::query("SELECT COUNT(*) FROM join_tokens")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.get::<i64, _>(0))
     }
 
@@ -229,9 +252,11 @@ impl Store {
     }
 
     pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
-        let rows = sqlx::query("SELECT id, state, cpus, memory_mib, last_heartbeat_ms, info FROM hosts ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, state, cpus, memory_mib, last_heartbeat_ms, info FROM hosts ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(HostRow::from_row).collect()
     }
 
@@ -245,7 +270,6 @@ impl Store {
     }
 
     // --- sandboxes ----------------------------------------------------------
-
 
     /// Inserts a new sandbox row; false if the tenant already has one with
     /// the same request id.
@@ -287,19 +311,39 @@ impl Store {
     }
 
     pub async fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sandboxes WHERE id = $1").bind(id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM sandboxes WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// A sandbox by id; with `tenant`, only if it belongs to that tenant.
-    pub async fn sandbox(&self, tenant: Option<&str>, id: &str) -> Result<Option<SandboxRow>, StoreError> {
-        let row = sqlx::query(select_sandboxes!("WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
+    pub async fn sandbox(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<SandboxRow>, StoreError> {
+        let row = sqlx::query(select_sandboxes!("WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         let row = row.map(|r| SandboxRow::from_row(&r)).transpose()?;
         Ok(row.filter(|s| tenant.is_none_or(|t| t == s.tenant_id)))
     }
 
-    pub async fn sandbox_by_request(&self, tenant: &str, request_id: &str) -> Result<Option<SandboxRow>, StoreError> {
-        let row = sqlx::query(select_sandboxes!("WHERE tenant_id = $1 AND request_id = $2")).bind(tenant).bind(request_id).fetch_optional(&self.pool).await?;
+    pub async fn sandbox_by_request(
+        &self,
+        tenant: &str,
+        request_id: &str,
+    ) -> Result<Option<SandboxRow>, StoreError> {
+        let row = sqlx::query(select_sandboxes!(
+            "WHERE tenant_id = $1 AND request_id = $2"
+        ))
+        .bind(tenant)
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| SandboxRow::from_row(&r)).transpose()
     }
 
@@ -307,10 +351,12 @@ impl Store {
     pub async fn sandboxes(&self, tenant: Option<&str>) -> Result<Vec<SandboxRow>, StoreError> {
         let rows: Vec<AnyRow> = match tenant {
             Some(t) => {
-                sqlx::query(select_sandboxes!("WHERE tenant_id = $1 ORDER BY created_ms, id"))
-                    .bind(t)
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(select_sandboxes!(
+                    "WHERE tenant_id = $1 ORDER BY created_ms, id"
+                ))
+                .bind(t)
+                .fetch_all(&self.pool)
+                .await?
             }
             None => {
                 sqlx::query(select_sandboxes!("ORDER BY created_ms, id"))
@@ -322,14 +368,21 @@ impl Store {
     }
 
     pub async fn sandboxes_on_host(&self, host: &str) -> Result<Vec<SandboxRow>, StoreError> {
-        let rows = sqlx::query(select_sandboxes!("WHERE host_id = $1")).bind(host).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(select_sandboxes!("WHERE host_id = $1"))
+            .bind(host)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(SandboxRow::from_row).collect()
     }
 
     /// Sandboxes whose timeout has passed.
     pub async fn expired_sandboxes(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
-        let rows = sqlx::query(select_sandboxes!("WHERE expires_ms IS NOT NULL AND expires_ms <= $1"))
-            .bind(now_ms).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(select_sandboxes!(
+            "WHERE expires_ms IS NOT NULL AND expires_ms <= $1"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(SandboxRow::from_row).collect()
     }
 
@@ -343,11 +396,11 @@ impl Store {
         F: AsyncFnOnce() -> Result<T, E>,
         E: From<StoreError>,
     {
+        // One waiter per process: a waiter holds a pooled connection while
+        // it waits, and the holder needs the pool to do its work.
+        let _local = self.local_lock.lock().await;
         match self.backend {
-            Backend::Sqlite => {
-                let _g = self.local_lock.lock().await;
-                f().await
-            }
+            Backend::Sqlite => f().await,
             Backend::Postgres => {
                 // A session lock on a dedicated connection: the insert in
                 // `f` uses the pool, so a transaction lock would not cover it.
@@ -383,7 +436,9 @@ impl Store {
                     .bind(LEADER_LOCK)
                     .fetch_one(&mut conn)
                     .await?;
-                Ok(row.get::<bool, _>(0).then_some(Leadership { _conn: Some(conn) }))
+                Ok(row
+                    .get::<bool, _>(0)
+                    .then_some(Leadership { _conn: Some(conn) }))
             }
         }
     }
@@ -398,7 +453,9 @@ pub fn random_token(len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 /// A store URL without its password, for messages.
@@ -414,7 +471,6 @@ fn redact(url: &str) -> String {
         _ => url.to_string(),
     }
 }
-
 
 #[cfg(test)]
 mod tests;

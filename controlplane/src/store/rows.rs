@@ -68,7 +68,8 @@ impl HostRow {
             cpus: r.try_get(2)?,
             memory_mib: r.try_get(3)?,
             last_heartbeat_ms: r.try_get(4)?,
-            info: Host::decode(info.as_slice()).map_err(|e| StoreError::Corrupt(format!("host record: {e}")))?,
+            info: Host::decode(info.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("host record: {e}")))?,
         })
     }
 }
@@ -103,7 +104,8 @@ impl SandboxRow {
             memory_mib: r.try_get(6)?,
             created_ms: r.try_get(7)?,
             expires_ms: r.try_get(8)?,
-            record: Sandbox::decode(record.as_slice()).map_err(|e| StoreError::Corrupt(format!("sandbox record: {e}")))?,
+            record: Sandbox::decode(record.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("sandbox record: {e}")))?,
         })
     }
 

@@ -34,10 +34,17 @@ async fn tenants_keys_and_migrations_are_idempotent() {
     let (dir, s) = store().await;
     let t = s.ensure_tenant("acme", None).await.unwrap();
     assert_eq!(t.quotas, TenantQuotas::default());
-    let q = TenantQuotas { max_sandboxes: 2, max_vcpus: 4, max_memory_mib: 1024 };
+    let q = TenantQuotas {
+        max_sandboxes: 2,
+        max_vcpus: 4,
+        max_memory_mib: 1024,
+    };
     assert_eq!(s.ensure_tenant("acme", Some(q)).await.unwrap().quotas, q);
     s.add_api_key("k1", &t.id, "hash").await.unwrap();
-    assert_eq!(s.api_key("k1").await.unwrap(), Some((t.id.clone(), "hash".into())));
+    assert_eq!(
+        s.api_key("k1").await.unwrap(),
+        Some((t.id.clone(), "hash".into()))
+    );
     assert!(s.revoke_api_key("k1").await.unwrap());
     assert_eq!(s.api_key("k1").await.unwrap(), None);
     drop(s);
@@ -52,13 +59,40 @@ async fn sandboxes_request_ids_tenancy_and_expiry() {
     let (_dir, s) = store().await;
     let a = s.ensure_tenant("a", None).await.unwrap();
     let b = s.ensure_tenant("b", None).await.unwrap();
-    assert!(s.insert_sandbox(&row("sbx-1", &a.id, Some("req"))).await.unwrap());
-    assert!(!s.insert_sandbox(&row("sbx-2", &a.id, Some("req"))).await.unwrap(), "same request id");
-    assert!(s.insert_sandbox(&row("sbx-3", &b.id, Some("req"))).await.unwrap(), "other tenant");
+    assert!(
+        s.insert_sandbox(&row("sbx-1", &a.id, Some("req")))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.insert_sandbox(&row("sbx-2", &a.id, Some("req")))
+            .await
+            .unwrap(),
+        "same request id"
+    );
+    assert!(
+        s.insert_sandbox(&row("sbx-3", &b.id, Some("req")))
+            .await
+            .unwrap(),
+        "other tenant"
+    );
     assert!(s.insert_sandbox(&row("sbx-4", &a.id, None)).await.unwrap());
-    assert!(s.insert_sandbox(&row("sbx-5", &a.id, None)).await.unwrap(), "no request id never conflicts");
-    assert_eq!(s.sandbox_by_request(&a.id, "req").await.unwrap().unwrap().id, "sbx-1");
-    assert!(s.sandbox(Some(&b.id), "sbx-1").await.unwrap().is_none(), "other tenant's sandbox");
+    assert!(
+        s.insert_sandbox(&row("sbx-5", &a.id, None)).await.unwrap(),
+        "no request id never conflicts"
+    );
+    assert_eq!(
+        s.sandbox_by_request(&a.id, "req")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "sbx-1"
+    );
+    assert!(
+        s.sandbox(Some(&b.id), "sbx-1").await.unwrap().is_none(),
+        "other tenant's sandbox"
+    );
     assert_eq!(s.sandboxes(Some(&a.id)).await.unwrap().len(), 3);
 
     let mut r = s.sandbox(None, "sbx-1").await.unwrap().unwrap();
@@ -98,6 +132,12 @@ async fn placement_lock_serialises() {
 
 #[test]
 fn urls_are_redacted() {
-    assert_eq!(redact("postgres://somna:secret@db/somna"), "postgres://somna:***@db/somna");
-    assert_eq!(redact("sqlite:///var/lib/somna/state.db"), "sqlite:///var/lib/somna/state.db");
+    assert_eq!(
+        redact("postgres://somna:secret@db/somna"),
+        "postgres://somna:***@db/somna"
+    );
+    assert_eq!(
+        redact("sqlite:///var/lib/somna/state.db"),
+        "sqlite:///var/lib/somna/state.db"
+    );
 }

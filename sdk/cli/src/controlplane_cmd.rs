@@ -31,6 +31,23 @@ pub struct ControlPlaneArgs {
     /// a token is generated on first start and printed.
     #[arg(long, env = "SOMNA_JOIN_TOKEN")]
     join_token: Option<String>,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
+    /// Serve agents over mutual TLS: this certificate (PEM)...
+    #[arg(long, requires_all = ["agent_tls_key", "agent_tls_client_ca"])]
+    agent_tls_cert: Option<PathBuf>,
+    /// ...its private key (PEM)...
+    #[arg(long, requires = "agent_tls_cert")]
+    agent_tls_key: Option<PathBuf>,
+    /// ...and the CA that agents' client certificates must chain to.
+    #[arg(long, requires = "agent_tls_cert")]
+    agent_tls_client_ca: Option<PathBuf>,
+}
+
+/// Placement and host-health flags, shared by `somna controlplane` and
+/// `somna up`.
+#[derive(Args)]
+pub struct SchedulingArgs {
     /// Placement policy: spread or pack.
     #[arg(long, default_value = "spread")]
     policy: Policy,
@@ -43,6 +60,20 @@ pub struct ControlPlaneArgs {
     /// Seconds without an answer after which a host is lost.
     #[arg(long, default_value_t = 8)]
     lost_after: u64,
+}
+
+impl SchedulingArgs {
+    pub fn config(&self) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            policy: self.policy,
+            overcommit: Overcommit {
+                cpu: self.cpu_overcommit,
+                memory: self.memory_overcommit,
+            },
+            lost_after: std::time::Duration::from_secs(self.lost_after),
+            ..Default::default()
+        }
+    }
 }
 
 pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
@@ -78,16 +109,7 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
         Some(key.key)
     };
 
-    let config = ControlPlaneConfig {
-        policy: args.policy,
-        overcommit: Overcommit {
-            cpu: args.cpu_overcommit,
-            memory: args.memory_overcommit,
-        },
-        lost_after: std::time::Duration::from_secs(args.lost_after),
-        ..Default::default()
-    };
-    let cp = ControlPlane::new(store, config);
+    let cp = ControlPlane::new(store, args.scheduling.config());
     let api = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -95,12 +117,21 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.agent_listen))?;
     let (api_addr, agent_addr) = (api.local_addr()?, agents.local_addr()?);
+    let tls = match (args.agent_tls_cert, args.agent_tls_key, args.agent_tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(
+            somna_controlplane::tls::acceptor(&somna_controlplane::tls::TlsFiles { cert, key, ca })
+                .context("setting up TLS for agents")?,
+        ),
+        _ => None,
+    };
+    let tls_on = tls.is_some();
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "addr": format!("http://{api_addr}"),
                 "agent_addr": agent_addr.to_string(),
+                "agent_tls": tls_on,
                 "api_key": new_key,
                 "join_token": new_token,
             })
@@ -123,7 +154,7 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let agents_task = tokio::spawn(somna_controlplane::tunnel::serve_agents(cp.clone(), agents, stopped(rx.clone())));
+    let agents_task = tokio::spawn(somna_controlplane::tunnel::serve_agents(cp.clone(), agents, tls, stopped(rx.clone())));
     somna_controlplane::serve(cp, api, stopped(rx)).await.context("serving the API")?;
     let _ = agents_task.await;
     Ok(())

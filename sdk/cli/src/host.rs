@@ -24,6 +24,13 @@ pub async fn run(cmd: HostCommand, addr: &str, json_out: bool) -> anyhow::Result
                     .map(|h| {
                         json!({
                             "id": h.id,
+                            "state": h.state,
+                            "cpus": h.cpus,
+                            "memory_mib": h.memory_mib,
+                            "cpus_allocated": h.cpus_allocated,
+                            "memory_allocated_mib": h.memory_allocated_mib,
+                            "cached_images": h.cached_images,
+                            "capabilities": h.capabilities,
                             "vmm": h.vmm,
                             "accelerator": h.accelerator,
                             "accelerator_reason": h.accelerator_reason,
@@ -49,6 +56,9 @@ pub async fn run(cmd: HostCommand, addr: &str, json_out: bool) -> anyhow::Result
                 .map(|h| {
                     vec![
                         h.id.clone(),
+                        h.state.clone(),
+                        format!("{}/{}", h.cpus_allocated, h.cpus),
+                        format!("{}/{}", h.memory_allocated_mib, h.memory_mib),
                         format!("{} ({})", h.accelerator, h.vmm),
                         h.sandboxes_running.to_string(),
                         h.sandboxes_sleeping.to_string(),
@@ -64,6 +74,9 @@ pub async fn run(cmd: HostCommand, addr: &str, json_out: bool) -> anyhow::Result
             table(
                 &[
                     "HOST",
+                    "STATE",
+                    "VCPUS",
+                    "MEMORY MIB",
                     "ACCEL",
                     "RUNNING",
                     "SLEEPING",

@@ -15,9 +15,15 @@ pub enum SandboxCommand {
     Create(CreateArgs),
     /// Run a command in a sandbox; exits with the command's exit code.
     Exec(crate::exec::ExecArgs),
-    /// List sandboxes.
+    /// List sandboxes (across all hosts).
     #[command(alias = "list")]
-    Ls,
+    Ls {
+        /// Only sandboxes with this label (K=V); repeatable.
+        #[arg(long = "label", short = 'l', value_parser = parse_env)]
+        labels: Vec<(String, String)>,
+    },
+    /// Set a sandbox's timeout: destroyed SECONDS from now (0: never).
+    Timeout { id: String, seconds: u64 },
     /// Show one sandbox.
     #[command(alias = "inspect")]
     Get { id: String },
@@ -72,6 +78,13 @@ pub struct CreateArgs {
     /// cold-boot, template or warm-pool.
     #[arg(long, default_value = "auto", value_parser = parse_start_mode)]
     start: somna_sdk::proto::StartMode,
+    /// Label (K=V) to find the sandbox by; repeatable.
+    #[arg(long = "label", short = 'l', value_parser = parse_env)]
+    labels: Vec<(String, String)>,
+    /// A client-chosen id for this create: retrying with the same id
+    /// returns the sandbox the first attempt made instead of a second one.
+    #[arg(long)]
+    request_id: Option<String>,
 }
 
 fn parse_start_mode(s: &str) -> Result<somna_sdk::proto::StartMode, String> {
@@ -99,7 +112,17 @@ pub async fn run(cmd: SandboxCommand, addr: &str, json: bool) -> anyhow::Result<
     match cmd {
         SandboxCommand::Create(args) => create(&client, args, json).await.map(|()| 0),
         SandboxCommand::Exec(args) => crate::exec::run(&client, args).await,
-        SandboxCommand::Ls => ls(&client, json).await.map(|()| 0),
+        SandboxCommand::Ls { labels } => ls(&client, labels, json).await.map(|()| 0),
+        SandboxCommand::Timeout { id, seconds } => {
+            let timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
+            let sb = client.set_sandbox_timeout(&id, timeout).await?;
+            if json {
+                println!("{}", sandbox_json(&sb));
+            } else {
+                println!("{}", sb.id);
+            }
+            Ok(0)
+        }
         SandboxCommand::Get { id } => get(&client, &id, json).await.map(|()| 0),
         SandboxCommand::Rm { ids } => rm(&client, &ids, json).await,
         SandboxCommand::Sleep { ids } => sleep_wake(&client, &ids, json, true).await,
@@ -115,6 +138,12 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
         .disk_mib(args.disk);
     for (k, v) in args.env {
         opts = opts.env(k, v);
+    }
+    for (k, v) in args.labels {
+        opts = opts.label(k, v);
+    }
+    if let Some(r) = args.request_id {
+        opts = opts.request_id(r);
     }
     if let Some(t) = args.idle_timeout {
         if t == 0 {
@@ -148,8 +177,10 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
     Ok(())
 }
 
-async fn ls(client: &Client, json: bool) -> anyhow::Result<()> {
-    let list = client.list_sandboxes().await?;
+async fn ls(client: &Client, labels: Vec<(String, String)>, json: bool) -> anyhow::Result<()> {
+    let list = client
+        .list_sandboxes_with_labels(&labels.into_iter().collect())
+        .await?;
     if json {
         println!(
             "{}",
@@ -167,12 +198,13 @@ async fn ls(client: &Client, json: bool) -> anyhow::Result<()> {
                 s.cpus.to_string(),
                 format!("{}M", s.memory_mib),
                 age(&s.created_at),
+                s.host.clone(),
                 s.accelerator.clone(),
             ]
         })
         .collect();
     table(
-        &["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "ACCEL"],
+        &["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "HOST", "ACCEL"],
         &rows,
     );
     Ok(())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use somna_controlplane::store::Store;
-use somna_controlplane::{ControlPlane, ControlPlaneConfig};
+use somna_controlplane::ControlPlane;
 use somna_hypervisor_agent::Agent;
 
 use crate::agent_args::{AgentArgs, init_tracing, shutdown_signal, write_secret};
@@ -21,6 +21,8 @@ pub struct UpArgs {
     listen: String,
     #[command(flatten)]
     agent: AgentArgs,
+    #[command(flatten)]
+    scheduling: crate::controlplane_cmd::SchedulingArgs,
 }
 
 pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
@@ -34,7 +36,7 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
     let store = Store::open(&store_url).await.context("opening the state store")?;
     let api_key = local_api_key(&store, &data_dir.join("api-key")).await?;
 
-    let control_plane = ControlPlane::new(store, ControlPlaneConfig::default());
+    let control_plane = ControlPlane::new(store, args.scheduling.config());
     let host: Arc<dyn somna_controlplane::Host> = Arc::new(LocalHost::new(agent.clone()));
     control_plane.attach_host(host).await;
 

@@ -3,8 +3,12 @@
 //! real microVMs, and a cleanup that leaves no VMM process or file behind —
 //! also when the test fails or the platform was killed.
 
+mod cluster;
+mod postgres;
 mod registry;
 
+pub use cluster::{Cluster, ClusterOptions};
+pub use postgres::Postgres;
 pub use registry::Registry;
 
 use std::io::{BufRead, BufReader};
@@ -202,7 +206,8 @@ impl Platform {
     /// `somna` CLI command pointed at this platform.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(&self.options.somna);
-        c.env("SOMNA_ADDR", &self.addr).env("SOMNA_API_KEY", &self.api_key);
+        c.env("SOMNA_ADDR", &self.addr)
+            .env("SOMNA_API_KEY", &self.api_key);
         c
     }
 

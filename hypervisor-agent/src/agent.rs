@@ -61,6 +61,9 @@ pub struct HostInfo {
     pub sleeping: u32,
     pub templates: Vec<TemplateInfo>,
     pub warm_pools: Vec<PoolInfo>,
+    /// What the scheduler may demand of this host (`gpu`: the driver does
+    /// VFIO passthrough and a GPU is bound to `vfio-pci`).
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -596,6 +599,7 @@ impl Agent {
             sleeping: count(SandboxState::Sleeping),
             templates: self.template_infos(),
             warm_pools: self.pools.infos(),
+            capabilities: capability_names(&self.vmm.capabilities()),
         }
     }
 
@@ -662,5 +666,39 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         );
+    }
+}
+
+/// The Host proto's capability names for what the driver can do here.
+pub fn capability_names(caps: &VmmCapabilities) -> Vec<String> {
+    let mut names = Vec::new();
+    if caps.gpu_host() {
+        names.push("gpu".to_string());
+    }
+    names
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+    use crate::vmm::VfioDevice;
+
+    #[test]
+    fn gpu_only_with_vfio_and_a_bound_gpu() {
+        assert!(capability_names(&VmmCapabilities::default()).is_empty());
+        let gpu = VfioDevice {
+            path: "/sys/bus/pci/devices/0000:65:00.0".into(),
+            id: None,
+        };
+        let no_vfio = VmmCapabilities {
+            vfio: false,
+            gpus: vec![gpu.clone()],
+        };
+        assert!(capability_names(&no_vfio).is_empty());
+        let host = VmmCapabilities {
+            vfio: true,
+            gpus: vec![gpu],
+        };
+        assert_eq!(capability_names(&host), ["gpu"]);
     }
 }

@@ -44,14 +44,15 @@ impl Release {
 
 /// The oldest Cloud Hypervisor release the driver accepts.
 ///
-/// v52.0 (May 2026) added `memory_restore_mode` (lazy `OnDemand` restore
-/// through userfaultfd) and `resume` to `vm.restore`'s `RestoreConfig`.
-/// Older builds silently ignore unknown fields in that body, so a restore
+/// `vm.restore`'s `memory_restore_mode` (lazy `OnDemand` restore through
+/// userfaultfd) and `resume` were merged upstream in March 2026 and are in
+/// v52.0 (May 2026), the release line of the spec the driver follows; the
+/// minimum is that release rather than a guess at an earlier one. Builds
+/// without them silently ignore unknown fields in that body, so a restore
 /// would copy all guest memory eagerly and leave the VM paused while the
 /// driver reported a lazy restore of a running VM. Everything else the
-/// driver uses is older: `payload` in `vm.create` (v26), disk `serial`
-/// (v0.3), hybrid vsock, `vm.add-device`/`vm.remove-device` (v0.6),
-/// `build_version` in `vmm.ping` (v32).
+/// driver uses is much older (`payload` in `vm.create`, disk `serial`,
+/// hybrid vsock, `vm.add-device`/`vm.remove-device`).
 pub const MIN_VERSION: Release = Release {
     major: 52,
     minor: 0,
@@ -59,7 +60,7 @@ pub const MIN_VERSION: Release = Release {
 };
 
 /// Why [`MIN_VERSION`] is the minimum, for error messages.
-pub const MIN_VERSION_WHY: &str = "vm.restore's memory_restore_mode and resume arrived in v52.0, and older builds silently ignore them (a restore would copy all guest memory and stay paused)";
+pub const MIN_VERSION_WHY: &str = "the driver relies on vm.restore's memory_restore_mode and resume (in v52.0), which older builds silently ignore (a restore would copy all guest memory and stay paused)";
 
 /// What `vmm.ping` reported about a Cloud Hypervisor binary.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use fake::{Behaviour, FakeCh, reaped};
 use somna_hypervisor_agent::rundir::VmDir;
 use somna_hypervisor_agent::vmm::cloud_hypervisor::{
-    ChError, ChOptions, CloudHypervisorVmm, probe_binary, vsock,
+    ChError, ChOptions, CloudHypervisorVmm, MemoryRestoreMode, probe_binary, vsock,
 };
 use somna_hypervisor_agent::vmm::{
     Accelerator, AgentEndpoint, ChannelKind, DiskSpec, Incoming, MemoryBacking, NetSpec,
@@ -193,19 +193,37 @@ async fn lifecycle_follows_the_spec() {
     vsock_echo(&vm2.agent_endpoint()).await;
     vm2.stop(Duration::from_secs(5)).await;
 
-    // A second wake: CopyOnWrite is not tried again, OnDemand now works.
-    fake.set_on_demand_fails(false);
+    // A second wake: neither refused mode is tried again.
     let dir3 = VmDir::create(root.path(), "sbx-3").unwrap();
     let vm3 = vmm
         .launch(&spec("sbx-3", &dir3, true), &dir3, Some(&incoming))
         .await
         .unwrap();
-    assert_eq!(vm3.restore_mode().as_deref(), Some("OnDemand"));
+    assert_eq!(vm3.restore_mode().as_deref(), Some("Copy"));
     assert_eq!(
         fake.calls().iter().filter(|c| c.call == "vm.restore" && c.pid == vm3.pid()).count(),
         1
     );
     vm3.stop(Duration::from_secs(5)).await;
+
+    // Where userfaultfd works, OnDemand is used.
+    fake.set_on_demand_fails(false);
+    let lazy = CloudHypervisorVmm::start(
+        &fake.binary,
+        ChOptions {
+            restore_modes: vec![MemoryRestoreMode::OnDemand, MemoryRestoreMode::Copy],
+            ..ChOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir3b = VmDir::create(root.path(), "sbx-3b").unwrap();
+    let vm3b = lazy
+        .launch(&spec("sbx-3b", &dir3b, true), &dir3b, Some(&incoming))
+        .await
+        .unwrap();
+    assert_eq!(vm3b.restore_mode().as_deref(), Some("OnDemand"));
+    vm3b.stop(Duration::from_secs(5)).await;
 
     // Restoring paused (warm pools) leaves it paused for Vm::resume.
     let dir4 = VmDir::create(root.path(), "sbx-4").unwrap();
@@ -337,8 +355,8 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
     let opts = ChOptions {
         // Copy gets the injected 500, OnDemand the missing userfaultfd.
         restore_modes: vec![
-            somna_hypervisor_agent::vmm::cloud_hypervisor::MemoryRestoreMode::Copy,
-            somna_hypervisor_agent::vmm::cloud_hypervisor::MemoryRestoreMode::OnDemand,
+            MemoryRestoreMode::Copy,
+            MemoryRestoreMode::OnDemand,
         ],
         ..ChOptions::default()
     };

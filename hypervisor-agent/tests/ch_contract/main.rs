@@ -456,3 +456,24 @@ async fn missing_or_non_executable_binaries_are_named() {
     assert!(err.contains("v52.0 or newer"), "{err}");
     assert!(!Path::new(&missing).with_file_name("api.sock").exists());
 }
+
+#[test]
+fn the_validator_catches_undeclared_missing_and_mistyped_fields() {
+    // The contract tests only mean something if the schemas bite.
+    let spec = spec::Spec::load();
+    let ok = serde_json::json!({ "source_url": "file:///s", "memory_restore_mode": "Copy", "resume": true });
+    assert!(spec.check("RestoreConfig", &ok).is_empty());
+    let undeclared = serde_json::json!({ "source_url": "file:///s", "resmue": true });
+    assert!(!spec.check("RestoreConfig", &undeclared).is_empty());
+    let missing = serde_json::json!({ "resume": true });
+    assert!(!spec.check("RestoreConfig", &missing).is_empty());
+    let mistyped = serde_json::json!({ "source_url": "file:///s", "resume": "yes" });
+    assert!(!spec.check("RestoreConfig", &mistyped).is_empty());
+    // Through $refs: a disk inside a VmConfig.
+    let vm = serde_json::json!({
+        "payload": { "kernel": "/k" },
+        "disks": [{ "path": "/d", "readonly": "no" }],
+    });
+    let errors = spec.check("VmConfig", &vm);
+    assert!(errors.iter().any(|e| e.contains("/disks/0/readonly")), "{errors:?}");
+}

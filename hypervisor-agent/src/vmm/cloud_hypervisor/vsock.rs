@@ -34,19 +34,21 @@ pub async fn handshake<S>(stream: &mut S, port: u32) -> io::Result<u32>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    // The VMM closes the connection when nothing listens on the port;
+    // depending on timing that shows as a failed write, a reset or EOF.
+    let closed = |e: io::Error| match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => refused(port),
+        _ => e,
+    };
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await?;
+        .await
+        .map_err(closed)?;
     let mut line = Vec::with_capacity(16);
     let mut byte = [0u8; 1];
     loop {
-        if stream.read(&mut byte).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!(
-                    "nothing accepted the connection on guest vsock port {port} (the guest agent is not listening yet, or the guest is gone)"
-                ),
-            ));
+        if stream.read(&mut byte).await.map_err(closed)? == 0 {
+            return Err(refused(port));
         }
         if byte[0] == b'\n' {
             break;
@@ -60,6 +62,15 @@ where
     text.strip_prefix("OK ")
         .and_then(|p| p.trim().parse::<u32>().ok())
         .ok_or_else(|| bad_ack(&line, port))
+}
+
+fn refused(port: u32) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        format!(
+            "nothing accepted the connection on guest vsock port {port} (the guest agent is not listening yet, or the guest is gone)"
+        ),
+    )
 }
 
 fn bad_ack(line: &[u8], port: u32) -> io::Error {
@@ -98,6 +109,7 @@ mod tests {
         let (mut host, vmm) = tokio::io::duplex(64);
         drop(vmm);
         let err = handshake(&mut host, 1024).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
         assert!(err.to_string().contains("port 1024"), "{err}");
 
         let (mut host, mut vmm) = tokio::io::duplex(64);

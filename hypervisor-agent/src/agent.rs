@@ -124,35 +124,35 @@ impl Agent {
                 .await?
             }
             VmmKind::Qemu => {
-            let channel = match config.channel {
-                ChannelMode::Auto => QemuVmm::default_channel(),
-                ChannelMode::Fixed(kind) => kind,
-            };
-            let qemu = QemuVmm::new(config.qemu_binary.clone(), channel);
-            let version = qemu
-                .version()
-                .await
-                .map_err(|e| AgentError::Config(e.to_string()))?;
+                let channel = match config.channel {
+                    ChannelMode::Auto => QemuVmm::default_channel(),
+                    ChannelMode::Fixed(kind) => kind,
+                };
+                let qemu = QemuVmm::new(config.qemu_binary.clone(), channel);
+                let version = qemu
+                    .version()
+                    .await
+                    .map_err(|e| AgentError::Config(e.to_string()))?;
 
-            let span = info_span!("accelerator_probe", mode = ?config.accel);
-            let started = Instant::now();
-            let accel = accel::select(
-                config.accel,
-                &config.qemu_binary,
-                &guest,
-                &config.accel_cache_file(),
-                config.probe_timeout,
-            )
-            .instrument(span)
-            .await?;
-            info!(
-                accelerator = %accel.accelerator,
-                reason = %accel.reason,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                qemu = %version,
-                channel = channel.cmdline_value(),
-                "accelerator selected"
-            );
+                let span = info_span!("accelerator_probe", mode = ?config.accel);
+                let started = Instant::now();
+                let accel = accel::select(
+                    config.accel,
+                    &config.qemu_binary,
+                    &guest,
+                    &config.accel_cache_file(),
+                    config.probe_timeout,
+                )
+                .instrument(span)
+                .await?;
+                info!(
+                    accelerator = %accel.accelerator,
+                    reason = %accel.reason,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    qemu = %version,
+                    channel = channel.cmdline_value(),
+                    "accelerator selected"
+                );
                 (Arc::new(qemu), version, accel)
             }
         };
@@ -630,7 +630,8 @@ impl Agent {
 
 /// Ids become directory names and kernel parameters: keep them plain.
 fn validate_id(id: &str) -> Result<(), AgentError> {
-    let ok = (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let ok =
+        (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if ok {
         Ok(())
     } else {

@@ -98,7 +98,9 @@ pub async fn probe_guest(
         },
         kernel: guest.kernel.clone(),
         initramfs: guest.initramfs.clone(),
-        cmdline: format!("console=ttyS0 quiet panic=-1 somna.probe=1 somna.id={id} somna.channel=vsock"),
+        cmdline: format!(
+            "console=ttyS0 quiet panic=-1 somna.probe=1 somna.id={id} somna.channel=vsock"
+        ),
         disks: Vec::new(),
         net: None,
         channel: ChannelKind::Vsock,

@@ -150,7 +150,9 @@ impl FakeCh {
                 let Some((pid, socket)) = line.split_once(' ') else {
                     continue;
                 };
-                let Ok(pid) = pid.parse::<u32>() else { continue };
+                let Ok(pid) = pid.parse::<u32>() else {
+                    continue;
+                };
                 sh.lock().unwrap().pids.push(pid);
                 let listener = match UnixListener::bind(socket) {
                     Ok(l) => l,
@@ -301,7 +303,10 @@ async fn handle(
                 if !errors.is_empty() {
                     violation(format!("{method} {call}: {}", errors.join("; ")));
                     let mut msgs = vec!["Error from API".to_string()];
-                    msgs.push(format!("Failed to deserialize {schema}: {}", errors.join("; ")));
+                    msgs.push(format!(
+                        "Failed to deserialize {schema}: {}",
+                        errors.join("; ")
+                    ));
                     break 'answer (400, Some(json!(msgs)), Some(value));
                 }
                 Some(value)
@@ -318,11 +323,16 @@ async fn handle(
         {
             let errors = spec.check(&schema, answer.as_ref().unwrap_or(&Value::Null));
             if !errors.is_empty() {
-                violation(format!("answer to {call} breaks the spec: {}", errors.join("; ")));
+                violation(format!(
+                    "answer to {call} breaks the spec: {}",
+                    errors.join("; ")
+                ));
             }
         }
         if !(Spec::declares(op, status) || status == 500 || status == 400) {
-            violation(format!("answer {status} to {call} is not declared in the spec"));
+            violation(format!(
+                "answer {status} to {call} is not declared in the spec"
+            ));
         }
         if call == "vmm.shutdown" {
             exit_after.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -381,7 +391,11 @@ fn act(
         "vm.create" => match state {
             Some(_) => (
                 500,
-                chain(&["Error from API", "The VM could not be created", "VM is already created"]),
+                chain(&[
+                    "Error from API",
+                    "The VM could not be created",
+                    "VM is already created",
+                ]),
             ),
             None => {
                 vmm.vm = Some((VmState::Created, body.cloned().unwrap_or_default()));
@@ -389,7 +403,14 @@ fn act(
             }
         },
         "vm.boot" => match state {
-            None => (404, chain(&["Error from API", "The VM could not boot", "VM is not created"])),
+            None => (
+                404,
+                chain(&[
+                    "Error from API",
+                    "The VM could not boot",
+                    "VM is not created",
+                ]),
+            ),
             Some(VmState::Created | VmState::Shutdown) => {
                 set(vmm, VmState::Running);
                 start_vsock(vmm);
@@ -397,7 +418,11 @@ fn act(
             }
             Some(_) => (
                 500,
-                chain(&["Error from API", "The VM could not boot", "VM is already booted"]),
+                chain(&[
+                    "Error from API",
+                    "The VM could not boot",
+                    "VM is already booted",
+                ]),
             ),
         },
         "vm.pause" => match state {
@@ -406,7 +431,13 @@ fn act(
                 set(vmm, VmState::Paused);
                 (204, None)
             }
-            Some(s) => (405, chain(&["Error from API", &format!("Invalid transition from {} to Paused", s.name())])),
+            Some(s) => (
+                405,
+                chain(&[
+                    "Error from API",
+                    &format!("Invalid transition from {} to Paused", s.name()),
+                ]),
+            ),
         },
         "vm.resume" => match state {
             None => (404, chain(&["Error from API", "VM is not created"])),
@@ -414,7 +445,13 @@ fn act(
                 set(vmm, VmState::Running);
                 (204, None)
             }
-            Some(s) => (405, chain(&["Error from API", &format!("Invalid transition from {} to Running", s.name())])),
+            Some(s) => (
+                405,
+                chain(&[
+                    "Error from API",
+                    &format!("Invalid transition from {} to Running", s.name()),
+                ]),
+            ),
         },
         "vm.shutdown" => match state {
             None => (404, chain(&["Error from API", "VM is not created"])),
@@ -434,7 +471,10 @@ fn act(
                 let body = body.cloned().unwrap_or_default();
                 match write_snapshot(&body, config) {
                     Ok(()) => (204, None),
-                    Err(e) => (500, chain(&["Error from API", "The VM could not be snapshotted", &e])),
+                    Err(e) => (
+                        500,
+                        chain(&["Error from API", "The VM could not be snapshotted", &e]),
+                    ),
                 }
             }
             Some(_) => (405, chain(&["Error from API", "VM is not paused"])),
@@ -457,9 +497,17 @@ fn act(
                     ]),
                 );
             }
-            let dir = match body["source_url"].as_str().and_then(|u| u.strip_prefix("file://")) {
+            let dir = match body["source_url"]
+                .as_str()
+                .and_then(|u| u.strip_prefix("file://"))
+            {
                 Some(d) => PathBuf::from(d),
-                None => return (400, chain(&["Error from API", "source_url is not a file:// URL"])),
+                None => {
+                    return (
+                        400,
+                        chain(&["Error from API", "source_url is not a file:// URL"]),
+                    );
+                }
             };
             let config: Value = match std::fs::read(dir.join("config.json"))
                 .ok()
@@ -480,12 +528,19 @@ fn act(
             }
             for needed in ["state.json", "memory-ranges"] {
                 if !dir.join(needed).is_file() {
-                    return (500, chain(&["Error from API", &format!("{needed} is missing")]));
+                    return (
+                        500,
+                        chain(&["Error from API", &format!("{needed} is missing")]),
+                    );
                 }
             }
             let running = body["resume"].as_bool().unwrap_or(false);
             vmm.vm = Some((
-                if running { VmState::Running } else { VmState::Paused },
+                if running {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                },
                 config,
             ));
             start_vsock(vmm);
@@ -505,19 +560,34 @@ fn act(
                 vmm.devices.push(id.clone());
                 (
                     200,
-                    Some(json!({ "id": id, "bdf": format!("0000:00:{:02x}.0", 5 + vmm.devices.len()) })),
+                    Some(
+                        json!({ "id": id, "bdf": format!("0000:00:{:02x}.0", 5 + vmm.devices.len()) }),
+                    ),
                 )
             }
         },
         "vm.remove-device" => {
-            let id = body.and_then(|b| b["id"].as_str()).unwrap_or_default().to_string();
+            let id = body
+                .and_then(|b| b["id"].as_str())
+                .unwrap_or_default()
+                .to_string();
             if state.is_none() || !vmm.devices.contains(&id) {
-                return (404, chain(&["Error from API", "The device could not be removed", "Unknown device"]));
+                return (
+                    404,
+                    chain(&[
+                        "Error from API",
+                        "The device could not be removed",
+                        "Unknown device",
+                    ]),
+                );
             }
             vmm.devices.retain(|d| d != &id);
             (204, None)
         }
-        other => (500, chain(&["fake cloud-hypervisor does not implement", other])),
+        other => (
+            500,
+            chain(&["fake cloud-hypervisor does not implement", other]),
+        ),
     }
 }
 
@@ -546,7 +616,9 @@ fn write_snapshot(body: &Value, config: &Value) -> Result<(), String> {
         .write_all(br#"{"snapshots":{}}"#)
         .map_err(|e| e.to_string())?;
     let size = config["memory"]["size"].as_u64().unwrap_or(0);
-    create("memory-ranges")?.set_len(size).map_err(|e| e.to_string())?;
+    create("memory-ranges")?
+        .set_len(size)
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -89,7 +89,10 @@ async fn lifecycle_follows_the_spec() {
 
     let root = tempfile::tempdir().unwrap();
     let dir = VmDir::create(root.path(), "sbx-1").unwrap();
-    let vm = vmm.launch(&spec("sbx-1", &dir, true), &dir, None).await.unwrap();
+    let vm = vmm
+        .launch(&spec("sbx-1", &dir, true), &dir, None)
+        .await
+        .unwrap();
     assert_eq!(vm.restore_mode(), None);
     vsock_echo(&vm.agent_endpoint()).await;
 
@@ -112,7 +115,12 @@ async fn lifecycle_follows_the_spec() {
         Some(libc::SIGTERM),
         "the VMM exited because of vmm.shutdown, not the driver's SIGKILL: {exit}"
     );
-    let first = fake.calls().into_iter().filter(|c| c.pid == vm.pid()).map(|c| format!("{} {}", c.method, c.call)).collect::<Vec<_>>();
+    let first = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.pid == vm.pid())
+        .map(|c| format!("{} {}", c.method, c.call))
+        .collect::<Vec<_>>();
     assert_eq!(
         first,
         [
@@ -162,7 +170,16 @@ async fn lifecycle_follows_the_spec() {
         .calls()
         .iter()
         .filter(|c| c.call == "vm.restore")
-        .map(|c| (c.body.as_ref().unwrap()["memory_restore_mode"].as_str().unwrap().to_string(), c.status, c.body.as_ref().unwrap()["resume"].clone()))
+        .map(|c| {
+            (
+                c.body.as_ref().unwrap()["memory_restore_mode"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                c.status,
+                c.body.as_ref().unwrap()["resume"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         modes,
@@ -188,7 +205,10 @@ async fn lifecycle_follows_the_spec() {
     let restored = std::fs::read(dir2.path().join("restore/config.json")).unwrap();
     let restored: serde_json::Value = serde_json::from_slice(&restored).unwrap();
     assert_eq!(restored["net"][0]["tap"], "tap-sbx-2");
-    assert_eq!(restored["disks"][1]["path"], dir2.rw_disk().display().to_string());
+    assert_eq!(
+        restored["disks"][1]["path"],
+        dir2.rw_disk().display().to_string()
+    );
     // The agent channel reconnects through the new VMM's socket.
     vsock_echo(&vm2.agent_endpoint()).await;
     vm2.stop(Duration::from_secs(5)).await;
@@ -201,7 +221,10 @@ async fn lifecycle_follows_the_spec() {
         .unwrap();
     assert_eq!(vm3.restore_mode().as_deref(), Some("Copy"));
     assert_eq!(
-        fake.calls().iter().filter(|c| c.call == "vm.restore" && c.pid == vm3.pid()).count(),
+        fake.calls()
+            .iter()
+            .filter(|c| c.call == "vm.restore" && c.pid == vm3.pid())
+            .count(),
         1
     );
     vm3.stop(Duration::from_secs(5)).await;
@@ -242,13 +265,21 @@ async fn lifecycle_follows_the_spec() {
     let dir5 = VmDir::create(root.path(), "sbx-5").unwrap();
     let mut other = spec("sbx-5", &dir5, true);
     other.cpus = 4;
-    let err = vmm.launch(&other, &dir5, Some(&incoming)).await.err().unwrap().to_string();
+    let err = vmm
+        .launch(&other, &dir5, Some(&incoming))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("vCPUs"), "{err}");
 
     // Every body but the deliberate CopyOnWrite probe matched the spec.
     let violations = fake.violations();
     assert_eq!(violations.len(), 1, "{violations:#?}");
-    assert!(violations[0].contains("memory_restore_mode"), "{violations:?}");
+    assert!(
+        violations[0].contains("memory_restore_mode"),
+        "{violations:?}"
+    );
     for pid in fake.pids() {
         assert!(reaped(pid), "every VMM process was reaped ({pid})");
     }
@@ -271,7 +302,10 @@ async fn vfio_devices_attach_and_detach() {
     assert!(vmm.capabilities().vfio);
     let root = tempfile::tempdir().unwrap();
     let dir = VmDir::create(root.path(), "gpu-1").unwrap();
-    let vm = vmm.launch(&spec("gpu-1", &dir, false), &dir, None).await.unwrap();
+    let vm = vmm
+        .launch(&spec("gpu-1", &dir, false), &dir, None)
+        .await
+        .unwrap();
     let gpu = VfioDevice {
         path: "/sys/bus/pci/devices/0000:65:00.0".into(),
         id: Some("gpu0".into()),
@@ -291,13 +325,23 @@ async fn vfio_devices_attach_and_detach() {
     vm.remove_device("gpu0").await.unwrap();
     // Unknown device: the spec's 404.
     let err = vm.remove_device("gpu0").await.unwrap_err().to_string();
-    assert!(err.contains("vm.remove-device failed with HTTP 404"), "{err}");
+    assert!(
+        err.contains("vm.remove-device failed with HTTP 404"),
+        "{err}"
+    );
     assert!(err.contains("Unknown device"), "{err}");
     vm.pause().await.unwrap();
     vm.save_state(&state, false).await.unwrap();
     vm.stop(Duration::from_secs(5)).await;
-    let add = fake.calls().into_iter().find(|c| c.call == "vm.add-device").unwrap();
-    assert_eq!(add.body.unwrap()["path"], "/sys/bus/pci/devices/0000:65:00.0");
+    let add = fake
+        .calls()
+        .into_iter()
+        .find(|c| c.call == "vm.add-device")
+        .unwrap();
+    assert_eq!(
+        add.body.unwrap()["path"],
+        "/sys/bus/pci/devices/0000:65:00.0"
+    );
     assert!(fake.violations().is_empty(), "{:#?}", fake.violations());
 }
 
@@ -314,10 +358,19 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
     fake.inject(
         "vm.boot",
         500,
-        &["Error from API", "The VM could not boot", "Error loading kernel"],
+        &[
+            "Error from API",
+            "The VM could not boot",
+            "Error loading kernel",
+        ],
     );
     let dir = VmDir::create(root.path(), "e-1").unwrap();
-    let err = ch_error(vmm.launch(&spec("e-1", &dir, false), &dir, None).await.err().unwrap());
+    let err = ch_error(
+        vmm.launch(&spec("e-1", &dir, false), &dir, None)
+            .await
+            .err()
+            .unwrap(),
+    );
     let text = err.to_string();
     assert_eq!(err.status(), Some(500));
     assert!(text.contains(&binary), "{text}");
@@ -325,23 +378,47 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
         text.contains("vm.boot failed with HTTP 500: Error from API: The VM could not boot: Error loading kernel"),
         "{text}"
     );
-    let pid = fake.calls().iter().rev().find(|c| c.call == "vm.boot").unwrap().pid;
+    let pid = fake
+        .calls()
+        .iter()
+        .rev()
+        .find(|c| c.call == "vm.boot")
+        .unwrap()
+        .pid;
     assert!(reaped(pid), "the VMM of a failed launch is reaped");
 
     // 404 on vm.create (as a VMM that lost its VM would answer).
     fake.inject("vm.create", 404, &["Error from API", "Not Found"]);
     let dir = VmDir::create(root.path(), "e-2").unwrap();
-    let err = vmm.launch(&spec("e-2", &dir, false), &dir, None).await.err().unwrap().to_string();
-    assert!(err.contains("vm.create failed with HTTP 404: Error from API: Not Found"), "{err}");
+    let err = vmm
+        .launch(&spec("e-2", &dir, false), &dir, None)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("vm.create failed with HTTP 404: Error from API: Not Found"),
+        "{err}"
+    );
 
     // 405 on vm.pause and 500 on vm.snapshot of a running VM.
     let dir = VmDir::create(root.path(), "e-3").unwrap();
-    let vm = vmm.launch(&spec("e-3", &dir, false), &dir, None).await.unwrap();
+    let vm = vmm
+        .launch(&spec("e-3", &dir, false), &dir, None)
+        .await
+        .unwrap();
     fake.inject("vm.pause", 405, &["Error from API", "VM is not booted"]);
     let err = vm.pause().await.unwrap_err().to_string();
-    assert!(err.contains("vm.pause failed with HTTP 405: Error from API: VM is not booted"), "{err}");
+    assert!(
+        err.contains("vm.pause failed with HTTP 405: Error from API: VM is not booted"),
+        "{err}"
+    );
     vm.pause().await.unwrap();
-    fake.inject("vm.snapshot", 500, &["Error from API", "No space left on device"]);
+    fake.inject(
+        "vm.snapshot",
+        500,
+        &["Error from API", "No space left on device"],
+    );
     let state = root.path().join("state");
     let err = vm.save_state(&state, false).await.unwrap_err().to_string();
     assert!(err.contains("vm.snapshot failed with HTTP 500"), "{err}");
@@ -350,14 +427,15 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
     // Every restore mode failing: one error listing each attempt.
     vm.save_state(&state, false).await.unwrap();
     vm.stop(Duration::from_secs(5)).await;
-    fake.inject("vm.restore", 500, &["Error from API", "Cannot restore devices"]);
+    fake.inject(
+        "vm.restore",
+        500,
+        &["Error from API", "Cannot restore devices"],
+    );
     fake.set_on_demand_fails(true);
     let opts = ChOptions {
         // Copy gets the injected 500, OnDemand the missing userfaultfd.
-        restore_modes: vec![
-            MemoryRestoreMode::Copy,
-            MemoryRestoreMode::OnDemand,
-        ],
+        restore_modes: vec![MemoryRestoreMode::Copy, MemoryRestoreMode::OnDemand],
         ..ChOptions::default()
     };
     let vmm2 = CloudHypervisorVmm::start(&fake.binary, opts).await.unwrap();
@@ -475,5 +553,8 @@ fn the_validator_catches_undeclared_missing_and_mistyped_fields() {
         "disks": [{ "path": "/d", "readonly": "no" }],
     });
     let errors = spec.check("VmConfig", &vm);
-    assert!(errors.iter().any(|e| e.contains("/disks/0/readonly")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("/disks/0/readonly")),
+        "{errors:?}"
+    );
 }

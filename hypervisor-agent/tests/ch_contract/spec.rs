@@ -111,7 +111,11 @@ impl Spec {
     pub fn enum_values(&self, name: &str) -> Vec<String> {
         self.doc["components"]["schemas"][name]["enum"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -146,7 +150,10 @@ fn yaml_to_json(v: serde_yaml::Value) -> Value {
                         Y::String(s) => s,
                         Y::Number(n) => n.to_string(),
                         Y::Bool(b) => b.to_string(),
-                        other => serde_yaml::to_string(&other).unwrap_or_default().trim().to_string(),
+                        other => serde_yaml::to_string(&other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string(),
                     };
                     (key, yaml_to_json(v))
                 })

@@ -27,7 +27,11 @@ pub struct AgentArgs {
     /// Run sandboxes with Cloud Hypervisor (KVM only, v52.0 or newer):
     /// the path of the operator-supplied `cloud-hypervisor` binary, or a
     /// name on PATH. QEMU is used when this is not given.
-    #[arg(long = "cloud-hypervisor", env = "SOMNA_CLOUD_HYPERVISOR", value_name = "PATH")]
+    #[arg(
+        long = "cloud-hypervisor",
+        env = "SOMNA_CLOUD_HYPERVISOR",
+        value_name = "PATH"
+    )]
     cloud_hypervisor: Option<PathBuf>,
     /// Seconds a guest may take to boot before create fails.
     #[arg(long)]

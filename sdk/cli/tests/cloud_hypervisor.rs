@@ -79,8 +79,14 @@ async fn boot_exec_sleep_wake_destroy_on_cloud_hypervisor() {
         .await
         .unwrap();
     let run_dir = p.data_dir().join("vms").join(sb.id());
-    assert!(run_dir.join("api.sock").exists(), "the run directory is Cloud Hypervisor's");
-    assert_eq!(sh(&sb, "echo hello from $(uname -s)").await, "hello from Linux");
+    assert!(
+        run_dir.join("api.sock").exists(),
+        "the run directory is Cloud Hypervisor's"
+    );
+    assert_eq!(
+        sh(&sb, "echo hello from $(uname -s)").await,
+        "hello from Linux"
+    );
     sh(&sb, "echo kept > /root/kept.txt").await;
     // A shell variable lives only in guest RAM: the process that holds it
     // must come back from the snapshot.
@@ -88,13 +94,22 @@ async fn boot_exec_sleep_wake_destroy_on_cloud_hypervisor() {
 
     let slept = client.sleep_sandbox(sb.id()).await.unwrap();
     assert_eq!(slept.state, SandboxState::Sleeping as i32);
-    assert!(processes_mentioning(&run_dir).is_empty(), "no VMM while asleep");
-    assert!(run_dir.join("state/memory-ranges").exists(), "RAM is in the snapshot directory");
+    assert!(
+        processes_mentioning(&run_dir).is_empty(),
+        "no VMM while asleep"
+    );
+    assert!(
+        run_dir.join("state/memory-ranges").exists(),
+        "RAM is in the snapshot directory"
+    );
 
     let woke = client.wake_sandbox(sb.id()).await.unwrap();
     assert_eq!(woke.state, SandboxState::Running as i32);
     // The process from before sleep still runs, and files survived.
-    assert_eq!(sh(&sb, &format!("kill -0 {pid} && echo alive")).await, "alive");
+    assert_eq!(
+        sh(&sb, &format!("kill -0 {pid} && echo alive")).await,
+        "alive"
+    );
     assert_eq!(sh(&sb, "cat /root/kept.txt").await, "kept");
 
     client.destroy_sandbox(sb.id()).await.unwrap();

@@ -151,7 +151,9 @@ pub fn rewrite_for_restore(
             .iter()
             .find(|d| d.serial == serial)
             .ok_or_else(|| format!("its disk {serial:?} is not one of the VM's disks"))?;
-        let disk = disk.as_object_mut().ok_or("config.json: a disk is not an object")?;
+        let disk = disk
+            .as_object_mut()
+            .ok_or("config.json: a disk is not an object")?;
         disk.insert("path".into(), path_value(&wanted.path));
         disk.insert("readonly".into(), Value::Bool(wanted.read_only));
     }
@@ -262,16 +264,22 @@ mod tests {
         assert_eq!(c["vsock"]["cid"], 3);
         assert_eq!(c["serial"]["mode"], "Tty");
         assert_eq!(c["console"]["mode"], "Off");
-        assert!(!c["payload"]["cmdline"].as_str().unwrap().contains("pci=off"));
-        let c = serde_json::to_value(vm_config(&spec("/r/rw.ext4", None), Path::new("/v"))).unwrap();
+        assert!(
+            !c["payload"]["cmdline"]
+                .as_str()
+                .unwrap()
+                .contains("pci=off")
+        );
+        let c =
+            serde_json::to_value(vm_config(&spec("/r/rw.ext4", None), Path::new("/v"))).unwrap();
         assert!(c.get("net").is_none());
     }
 
     #[test]
     fn restore_config_gets_the_new_vms_paths() {
         let template = spec("/templates/k/rw.ext4", Some("tap-old"));
-        let mut config = serde_json::to_value(vm_config(&template, Path::new("/vms/tpl/vsock.sock")))
-            .unwrap();
+        let mut config =
+            serde_json::to_value(vm_config(&template, Path::new("/vms/tpl/vsock.sock"))).unwrap();
         // What the VMM adds when it writes config.json is kept.
         config["disks"][1]["num_queues"] = 1.into();
         rewrite_for_restore(
@@ -290,16 +298,22 @@ mod tests {
 
     #[test]
     fn restore_config_must_match_the_vm() {
-        let base = || {
-            serde_json::to_value(vm_config(&spec("/a", None), Path::new("/v"))).unwrap()
-        };
+        let base = || serde_json::to_value(vm_config(&spec("/a", None), Path::new("/v"))).unwrap();
         let mut c = base();
         let mut s = spec("/b", None);
         s.cpus = 4;
-        assert!(rewrite_for_restore(&mut c, &s, Path::new("/v")).unwrap_err().contains("vCPUs"));
+        assert!(
+            rewrite_for_restore(&mut c, &s, Path::new("/v"))
+                .unwrap_err()
+                .contains("vCPUs")
+        );
         let mut s = spec("/b", None);
         s.memory_mib = 512;
-        assert!(rewrite_for_restore(&mut c, &s, Path::new("/v")).unwrap_err().contains("memory"));
+        assert!(
+            rewrite_for_restore(&mut c, &s, Path::new("/v"))
+                .unwrap_err()
+                .contains("memory")
+        );
         let err = rewrite_for_restore(&mut base(), &spec("/b", Some("tap")), Path::new("/v"))
             .unwrap_err();
         assert!(err.contains("network"), "{err}");
@@ -309,6 +323,10 @@ mod tests {
         assert!(err.contains("somna-rw"), "{err}");
         let mut c = base();
         c["devices"] = serde_json::json!([{"path": "/sys/bus/pci/devices/0000:01:00.0"}]);
-        assert!(rewrite_for_restore(&mut c, &spec("/b", None), Path::new("/v")).unwrap_err().contains("VFIO"));
+        assert!(
+            rewrite_for_restore(&mut c, &spec("/b", None), Path::new("/v"))
+                .unwrap_err()
+                .contains("VFIO")
+        );
     }
 }

@@ -88,7 +88,9 @@ pub enum ChError {
     Snapshot { path: PathBuf, reason: String },
 
     /// Every memory restore mode was tried and failed.
-    #[error("cloud-hypervisor {binary}: vm.restore from {source_dir} failed in every memory restore mode: {attempts}")]
+    #[error(
+        "cloud-hypervisor {binary}: vm.restore from {source_dir} failed in every memory restore mode: {attempts}"
+    )]
     RestoreFailed {
         binary: PathBuf,
         source_dir: PathBuf,

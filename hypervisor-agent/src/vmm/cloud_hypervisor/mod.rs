@@ -151,9 +151,7 @@ async fn probe_resolved(binary: &Path, options: &ChOptions) -> Result<ChVersion,
         let api = ApiClient::new(api_socket(&dir), binary.to_path_buf(), options.api_timeout);
         let version = async {
             process
-                .wait_for_socket(api.socket(), options.socket_timeout, || {
-                    dir.vmm_log_tail(5)
-                })
+                .wait_for_socket(api.socket(), options.socket_timeout, || dir.vmm_log_tail(5))
                 .await?;
             let r = api.ping().await;
             version_of(binary, r.map_err(|e| vm::explain_exit(&process, e, &dir))?)
@@ -189,7 +187,10 @@ fn spawn(
         // remove them); binding would fail.
         match std::fs::remove_file(&stale) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(ChError::io(format!("remove stale socket {}", stale.display()))(e));
+                return Err(ChError::io(format!(
+                    "remove stale socket {}",
+                    stale.display()
+                ))(e));
             }
             _ => {}
         }
@@ -283,17 +284,26 @@ impl CloudHypervisorVmm {
     ) -> Result<(ChProcess, ApiClient, ChVersion), ChError> {
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
         let process = spawn(&self.binary, dir, netns, fresh_log)?;
-        let api = ApiClient::new(api_socket(dir), self.binary.clone(), self.options.api_timeout);
+        let api = ApiClient::new(
+            api_socket(dir),
+            self.binary.clone(),
+            self.options.api_timeout,
+        );
         let ready = async {
-            dir.write_pid(process.pid())
-                .map_err(ChError::io(format!("write pid file {}", dir.pid_file().display())))?;
+            dir.write_pid(process.pid()).map_err(ChError::io(format!(
+                "write pid file {}",
+                dir.pid_file().display()
+            )))?;
             process
                 .wait_for_socket(api.socket(), self.options.socket_timeout, || {
                     dir.vmm_log_tail(5)
                 })
                 .await?;
             let r = api.ping().await;
-            let version = version_of(&self.binary, r.map_err(|e| vm::explain_exit(&process, e, dir))?)?;
+            let version = version_of(
+                &self.binary,
+                r.map_err(|e| vm::explain_exit(&process, e, dir))?,
+            )?;
             if !version.is_supported() {
                 return Err(ChError::UnsupportedVersion {
                     binary: self.binary.clone(),
@@ -521,7 +531,8 @@ impl Vmm for CloudHypervisorVmm {
             }
             .into());
         }
-        let span = info_span!("cloud_hypervisor_launch", id = %spec.id, restore = incoming.is_some());
+        let span =
+            info_span!("cloud_hypervisor_launch", id = %spec.id, restore = incoming.is_some());
         let vm = async {
             match incoming {
                 None => self.boot(spec, dir).await,

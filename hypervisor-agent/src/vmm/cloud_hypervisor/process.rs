@@ -252,8 +252,16 @@ mod tests {
         assert!(err.contains("is not executable (mode 644)"), "{err}");
         let err = resolve_binary(dir.path()).unwrap_err().to_string();
         assert!(err.contains("is not a file"), "{err}");
-        let err = resolve_binary(Path::new("somna-no-such-vmm")).unwrap_err().to_string();
+        let err = resolve_binary(Path::new("somna-no-such-vmm"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not found on PATH"), "{err}");
-        assert_eq!(resolve_binary(Path::new("sh")).unwrap().file_name().unwrap(), "sh");
+        assert_eq!(
+            resolve_binary(Path::new("sh"))
+                .unwrap()
+                .file_name()
+                .unwrap(),
+            "sh"
+        );
     }
 }

@@ -63,7 +63,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), ChError> {
     )))?;
     for entry in entries {
         let path = entry
-            .map_err(ChError::io(format!("list snapshot directory {}", dir.display())))?
+            .map_err(ChError::io(format!(
+                "list snapshot directory {}",
+                dir.display()
+            )))?
             .path();
         if path.is_file() {
             std::fs::File::open(&path)
@@ -92,8 +95,8 @@ pub fn prepare_restore(
         return Err(bad("it is not a snapshot directory".into()));
     }
     let config_path = source.join(CONFIG_FILE);
-    let bytes = std::fs::read(&config_path)
-        .map_err(|e| bad(format!("cannot read {CONFIG_FILE}: {e}")))?;
+    let bytes =
+        std::fs::read(&config_path).map_err(|e| bad(format!("cannot read {CONFIG_FILE}: {e}")))?;
     let mut config: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("{CONFIG_FILE} is not valid JSON: {e}")))?;
     super::config::rewrite_for_restore(&mut config, spec, vsock_socket)
@@ -108,8 +111,7 @@ pub fn prepare_restore(
     let target = restore_dir.join(CONFIG_FILE);
     std::fs::write(&target, out).map_err(ChError::io(format!("write {}", target.display())))?;
 
-    let entries = std::fs::read_dir(source)
-        .map_err(|e| bad(format!("cannot list it: {e}")))?;
+    let entries = std::fs::read_dir(source).map_err(|e| bad(format!("cannot list it: {e}")))?;
     for entry in entries {
         let entry = entry.map_err(|e| bad(format!("cannot list it: {e}")))?;
         let name = entry.file_name();
@@ -179,7 +181,11 @@ mod tests {
         std::fs::create_dir_all(&source).unwrap();
         let old = spec(&t.path().join("template/rw.ext4"));
         let config = super::super::config::vm_config(&old, &t.path().join("tpl/vsock.sock"));
-        std::fs::write(source.join(CONFIG_FILE), serde_json::to_vec(&config).unwrap()).unwrap();
+        std::fs::write(
+            source.join(CONFIG_FILE),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
         std::fs::write(source.join(STATE_FILE), b"{\"state\":1}").unwrap();
         std::fs::write(source.join(MEMORY_FILE), vec![9u8; 8192]).unwrap();
         let before: Vec<_> = [CONFIG_FILE, STATE_FILE, MEMORY_FILE]
@@ -189,14 +195,28 @@ mod tests {
 
         let run = t.path().join("vms/sbx-2");
         let new = spec(&run.join("rw.ext4"));
-        let dir = prepare_restore(&source, &run.join("restore"), &new, &run.join("vsock.sock"))
-            .unwrap();
+        let dir =
+            prepare_restore(&source, &run.join("restore"), &new, &run.join("vsock.sock")).unwrap();
         let cfg: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join(CONFIG_FILE)).unwrap()).unwrap();
-        assert_eq!(cfg["disks"][0]["path"], run.join("rw.ext4").display().to_string());
-        assert_eq!(cfg["vsock"]["socket"], run.join("vsock.sock").display().to_string());
-        assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), b"{\"state\":1}");
-        assert!(std::fs::symlink_metadata(dir.join(MEMORY_FILE)).unwrap().file_type().is_symlink());
+        assert_eq!(
+            cfg["disks"][0]["path"],
+            run.join("rw.ext4").display().to_string()
+        );
+        assert_eq!(
+            cfg["vsock"]["socket"],
+            run.join("vsock.sock").display().to_string()
+        );
+        assert_eq!(
+            std::fs::read(dir.join(STATE_FILE)).unwrap(),
+            b"{\"state\":1}"
+        );
+        assert!(
+            std::fs::symlink_metadata(dir.join(MEMORY_FILE))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(std::fs::read(dir.join(MEMORY_FILE)).unwrap().len(), 8192);
         // Twice (a second restore attempt) is fine.
         prepare_restore(&source, &run.join("restore"), &new, &run.join("vsock.sock")).unwrap();
@@ -211,9 +231,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("memory-ranges is missing"), "{err}");
-        assert_eq!(
-            file_url(Path::new("/a/b")).unwrap(),
-            "file:///a/b"
-        );
+        assert_eq!(file_url(Path::new("/a/b")).unwrap(), "file:///a/b");
     }
 }

@@ -21,7 +21,10 @@ pub async fn connect(socket: &Path, port: u32) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(socket).await.map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("connect to the hybrid vsock socket {}: {e}", socket.display()),
+            format!(
+                "connect to the hybrid vsock socket {}: {e}",
+                socket.display()
+            ),
         )
     })?;
     handshake(&mut stream, port).await?;
@@ -94,13 +97,18 @@ mod tests {
             let mut buf = [0u8; 13];
             vmm.read_exact(&mut buf).await.unwrap();
             assert_eq!(&buf, b"CONNECT 1024\n");
-            vmm.write_all(b"OK 1073741824\nPRI * HTTP/2.0").await.unwrap();
+            vmm.write_all(b"OK 1073741824\nPRI * HTTP/2.0")
+                .await
+                .unwrap();
             vmm
         });
         assert_eq!(handshake(&mut host, 1024).await.unwrap(), 1_073_741_824);
         let mut rest = [0u8; 14];
         host.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"PRI * HTTP/2.0", "bytes after the ack stay in the stream");
+        assert_eq!(
+            &rest, b"PRI * HTTP/2.0",
+            "bytes after the ack stay in the stream"
+        );
         drop(guest.await.unwrap());
     }
 

@@ -12,7 +12,7 @@ use somna_snapshotter::TemplateStore;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::accel::{self, AccelChoice};
-use crate::config::{AgentConfig, ChannelMode, GuestArtifacts};
+use crate::config::{AgentConfig, ChannelMode, GuestArtifacts, VmmKind};
 use crate::error::AgentError;
 use crate::launch::{self, LaunchFailure};
 use crate::pool::WarmPools;
@@ -22,7 +22,7 @@ use crate::sandbox::{
     Activity, LiveVm, MemoryMode, Sandbox, SandboxInfo, SandboxRequest, SandboxState, StartMode,
 };
 use crate::vmm::qemu::QemuVmm;
-use crate::vmm::{DiskSpec, MemoryBacking, VmSpec, Vmm};
+use crate::vmm::{DiskSpec, MemoryBacking, VmSpec, Vmm, VmmCapabilities};
 
 /// How long a VMM gets to exit cleanly on destroy before it is killed.
 pub(crate) const VMM_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -61,6 +61,9 @@ pub struct HostInfo {
     pub sleeping: u32,
     pub templates: Vec<TemplateInfo>,
     pub warm_pools: Vec<PoolInfo>,
+    /// What the scheduler may demand of this host (`gpu`: the driver does
+    /// VFIO passthrough and a GPU is bound to `vfio-pci`).
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,39 +111,55 @@ impl Agent {
             );
         }
 
-        let channel = match config.channel {
-            ChannelMode::Auto => QemuVmm::default_channel(),
-            ChannelMode::Fixed(kind) => kind,
-        };
-        let qemu = QemuVmm::new(config.qemu_binary.clone(), channel);
-        let version = qemu
-            .version()
-            .await
-            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let (vmm, version, accel): (Arc<dyn Vmm>, String, AccelChoice) = match &config.vmm {
+            // Cloud Hypervisor driver (issue 9): see driver.rs.
+            VmmKind::CloudHypervisor { binary } => {
+                crate::driver::cloud_hypervisor(
+                    binary,
+                    config.accel,
+                    &guest,
+                    &config.vms_dir(),
+                    config.probe_timeout,
+                )
+                .await?
+            }
+            VmmKind::Qemu => {
+                let channel = match config.channel {
+                    ChannelMode::Auto => QemuVmm::default_channel(),
+                    ChannelMode::Fixed(kind) => kind,
+                };
+                let qemu = QemuVmm::new(config.qemu_binary.clone(), channel);
+                let version = qemu
+                    .version()
+                    .await
+                    .map_err(|e| AgentError::Config(e.to_string()))?;
 
-        let span = info_span!("accelerator_probe", mode = ?config.accel);
-        let started = Instant::now();
-        let accel = accel::select(
-            config.accel,
-            &config.qemu_binary,
-            &guest,
-            &config.accel_cache_file(),
-            config.probe_timeout,
-        )
-        .instrument(span)
-        .await?;
-        info!(
-            accelerator = %accel.accelerator,
-            reason = %accel.reason,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            qemu = %version,
-            channel = channel.cmdline_value(),
-            "accelerator selected"
-        );
+                let span = info_span!("accelerator_probe", mode = ?config.accel);
+                let started = Instant::now();
+                let accel = accel::select(
+                    config.accel,
+                    &config.qemu_binary,
+                    &guest,
+                    &config.accel_cache_file(),
+                    config.probe_timeout,
+                )
+                .instrument(span)
+                .await?;
+                info!(
+                    accelerator = %accel.accelerator,
+                    reason = %accel.reason,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    qemu = %version,
+                    channel = channel.cmdline_value(),
+                    "accelerator selected"
+                );
+                (Arc::new(qemu), version, accel)
+            }
+        };
 
         let kernel_args = [
             "console=ttyS0 quiet panic=-1",
-            qemu.guest_kernel_args(),
+            vmm.guest_kernel_args(),
             &accel::guest_kernel_args(accel.accelerator),
         ]
         .iter()
@@ -173,7 +192,7 @@ impl Agent {
             kernel_args,
             guest,
             guest_fingerprint,
-            vmm: Arc::new(qemu),
+            vmm,
             accel,
             images,
             templates,
@@ -194,6 +213,12 @@ impl Agent {
     /// The accelerator this host's VMs use, and why it was chosen.
     pub fn accelerator(&self) -> &AccelChoice {
         &self.accel
+    }
+
+    /// What this host's VMM driver can do (GPU passthrough: the scheduler
+    /// places GPU sandboxes only where `gpu_host()`).
+    pub fn vmm_capabilities(&self) -> VmmCapabilities {
+        self.vmm.capabilities()
     }
 
     pub fn images(&self) -> &ImageStore {
@@ -574,6 +599,7 @@ impl Agent {
             sleeping: count(SandboxState::Sleeping),
             templates: self.template_infos(),
             warm_pools: self.pools.infos(),
+            capabilities: capability_names(&self.vmm.capabilities()),
         }
     }
 
@@ -604,7 +630,8 @@ impl Agent {
 
 /// Ids become directory names and kernel parameters: keep them plain.
 fn validate_id(id: &str) -> Result<(), AgentError> {
-    let ok = (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let ok =
+        (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if ok {
         Ok(())
     } else {
@@ -640,5 +667,39 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         );
+    }
+}
+
+/// The Host proto's capability names for what the driver can do here.
+pub fn capability_names(caps: &VmmCapabilities) -> Vec<String> {
+    let mut names = Vec::new();
+    if caps.gpu_host() {
+        names.push("gpu".to_string());
+    }
+    names
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+    use crate::vmm::VfioDevice;
+
+    #[test]
+    fn gpu_only_with_vfio_and_a_bound_gpu() {
+        assert!(capability_names(&VmmCapabilities::default()).is_empty());
+        let gpu = VfioDevice {
+            path: "/sys/bus/pci/devices/0000:65:00.0".into(),
+            id: None,
+        };
+        let no_vfio = VmmCapabilities {
+            vfio: false,
+            gpus: vec![gpu.clone()],
+        };
+        assert!(capability_names(&no_vfio).is_empty());
+        let host = VmmCapabilities {
+            vfio: true,
+            gpus: vec![gpu],
+        };
+        assert_eq!(capability_names(&host), ["gpu"]);
     }
 }

@@ -64,6 +64,17 @@ impl Default for SandboxLimits {
     }
 }
 
+/// Which VMM runs this host's sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum VmmKind {
+    /// QEMU `microvm` (`AgentConfig::qemu_binary`), KVM or TCG as probed.
+    #[default]
+    Qemu,
+    /// Cloud Hypervisor (KVM only), from an operator-supplied binary:
+    /// a path, or a name looked up on `PATH`.
+    CloudHypervisor { binary: PathBuf },
+}
+
 /// Which agent channel guests get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelMode {
@@ -83,6 +94,8 @@ pub struct AgentConfig {
     /// Directories of local OCI image layouts (`<dir>/<name>/index.json`).
     pub image_dirs: Vec<PathBuf>,
     pub qemu_binary: PathBuf,
+    /// The VMM driver (QEMU unless configured otherwise).
+    pub vmm: VmmKind,
     pub accel: AccelMode,
     pub channel: ChannelMode,
     /// How long the KVM probe guest may take to report in.
@@ -142,6 +155,7 @@ impl AgentConfig {
             data_dir,
             guest_dir: PathBuf::from("/usr/local/lib/somna/guest"),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            vmm: VmmKind::Qemu,
             accel: AccelMode::Auto,
             channel: ChannelMode::Auto,
             probe_timeout: Duration::from_secs(10),

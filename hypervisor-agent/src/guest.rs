@@ -1,6 +1,6 @@
 //! The host side of the guest-agent channel: a tonic client whose HTTP/2
-//! connection runs over the VM's agent endpoint (a virtio-serial Unix socket
-//! or vsock) instead of TCP.
+//! connection runs over the VM's agent endpoint (a virtio-serial Unix socket,
+//! kernel vsock, or Cloud Hypervisor's hybrid vsock) instead of TCP.
 
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,11 @@ async fn connect(endpoint: &AgentEndpoint) -> std::io::Result<GuestStream> {
         }
         AgentEndpoint::Vsock { cid, port } => Ok(GuestStream::Vsock(
             tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?,
+        )),
+        // A fresh stream per connection (no sync marker); after a restore
+        // the old connections are gone and the client simply reconnects.
+        AgentEndpoint::HybridVsock { socket, port } => Ok(GuestStream::Unix(
+            crate::vmm::cloud_hypervisor::vsock::connect(socket, *port).await?,
         )),
     }
 }

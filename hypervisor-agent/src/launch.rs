@@ -53,8 +53,9 @@ pub(crate) async fn boot(
     Ok((live, health))
 }
 
-/// Restores `spec` from `incoming`; the VM is left paused.
-pub(crate) async fn restore_paused(
+/// Restores `spec` from `incoming`; the VM runs if `incoming.resume`,
+/// else it is left paused.
+pub(crate) async fn restore(
     vmm: &dyn Vmm,
     spec: &VmSpec,
     dir: &VmDir,
@@ -70,15 +71,36 @@ pub(crate) async fn restore_paused(
     })
 }
 
-/// Resumes a restored VM, waits for its guest agent and runs the wake
-/// fix-ups (clock, RNG, and for clones the new identity).
+/// Resumes a restored, paused VM, waits for its guest agent and runs the
+/// wake fix-ups (clock, RNG, and for clones the new identity).
 pub(crate) async fn resume_and_wake(
     live: &LiveVm,
     dir: &VmDir,
     identity: Option<Identity>,
     deadline: Instant,
 ) -> Result<WakeResponse, LaunchFailure> {
-    if let Err(e) = live.vm.resume().await {
+    wake(live, dir, identity, deadline, false).await
+}
+
+/// [`resume_and_wake`] for a VM restored with `Incoming::resume` (already
+/// running).
+pub(crate) async fn wake_restored(
+    live: &LiveVm,
+    dir: &VmDir,
+    identity: Option<Identity>,
+    deadline: Instant,
+) -> Result<WakeResponse, LaunchFailure> {
+    wake(live, dir, identity, deadline, true).await
+}
+
+async fn wake(
+    live: &LiveVm,
+    dir: &VmDir,
+    identity: Option<Identity>,
+    deadline: Instant,
+    running: bool,
+) -> Result<WakeResponse, LaunchFailure> {
+    if !running && let Err(e) = live.vm.resume().await {
         live.vm.kill().await;
         return Err(LaunchFailure::new(
             dir,

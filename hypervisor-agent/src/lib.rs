@@ -2,7 +2,8 @@
 //! microVMs.
 //!
 //! It owns, on its host: the VMM driver ([`vmm::Vmm`], with the QEMU driver
-//! in [`vmm::qemu`]), the choice of accelerator ([`accel`]: KVM where a
+//! in [`vmm::qemu`] and the Cloud Hypervisor driver in
+//! [`vmm::cloud_hypervisor`]), the choice of accelerator ([`accel`]: KVM where a
 //! probe guest really boots, TCG otherwise), every VM's run directory
 //! ([`rundir`]), crash recovery at start-up ([`recovery`]), and the client of
 //! each guest's agent ([`guest`]), light sleep and wake, template snapshots
@@ -13,6 +14,7 @@
 pub mod accel;
 pub mod agent;
 pub mod config;
+pub mod driver;
 pub mod error;
 pub mod exec;
 pub mod guest;
@@ -29,7 +31,7 @@ pub mod vmm;
 
 pub use accel::{AccelChoice, AccelMode};
 pub use agent::{Agent, HostInfo, PoolInfo, TemplateInfo};
-pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, WarmPoolSpec};
+pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, VmmKind, WarmPoolSpec};
 pub use error::AgentError;
 pub use images::PulledImage;
 pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState, StartMode};

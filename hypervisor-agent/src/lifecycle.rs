@@ -51,8 +51,10 @@ impl Agent {
         sandbox.set_live(None);
         sandbox.bump_epoch();
         let layout = match sandbox.memory_mode() {
-            MemoryMode::Own => MemoryLayout::File,
-            MemoryMode::TemplateCow => MemoryLayout::Stream,
+            MemoryMode::Own if self.vmm.ram_in_memory_file() => MemoryLayout::File,
+            // A template clone's RAM is a private mapping, and some VMMs
+            // (Cloud Hypervisor) always put RAM into the state.
+            MemoryMode::Own | MemoryMode::TemplateCow => MemoryLayout::Stream,
         };
         let dir = &sandbox.dir;
         let mut t = SleepTimings::default();
@@ -175,6 +177,7 @@ impl Agent {
                 Incoming {
                     state: snapshot.state_path(),
                     memory_in_file: true,
+                    resume: true,
                 },
             ),
             MemoryLayout::Stream => {
@@ -189,13 +192,14 @@ impl Agent {
                     Incoming {
                         state: snapshot.state_path(),
                         memory_in_file: false,
+                        resume: true,
                     },
                 )
             }
         };
         let mut spec = sandbox.spec.clone();
         spec.memory = memory;
-        let live = match launch::restore_paused(self.vmm.as_ref(), &spec, dir, &incoming).await {
+        let live = match launch::restore(self.vmm.as_ref(), &spec, dir, &incoming).await {
             Ok(live) => live,
             // Nothing ran: the snapshot is untouched and the sandbox still
             // sleeps; the caller may try again.
@@ -211,7 +215,7 @@ impl Agent {
         };
         let restore_ms = started.elapsed().as_millis() as u64 - verify_ms;
         let deadline = Instant::now() + self.config.boot_timeout;
-        let woke = match launch::resume_and_wake(&live, dir, None, deadline).await {
+        let woke = match launch::wake_restored(&live, dir, None, deadline).await {
             Ok(w) => w,
             Err(f) => {
                 return Err(self.fail_sandbox(
@@ -224,9 +228,17 @@ impl Agent {
             }
         };
         // The snapshot is consumed: the VM runs on (and changes) its files.
+        // The state is a file (QEMU) or a directory (Cloud Hypervisor; a VM
+        // restored from it keeps the files it still reads open).
         let _ = snapshot.unseal();
-        let _ = std::fs::remove_file(dir.state_file());
+        let state = dir.state_file();
+        let _ = if state.is_dir() {
+            std::fs::remove_dir_all(&state)
+        } else {
+            std::fs::remove_file(&state)
+        };
         sandbox.set_memory_mode(MemoryMode::Own);
+        let restore_mode = live.vm.restore_mode();
         let live = Arc::new(live);
         sandbox.set_live(Some(live.clone()));
         sandbox.update(|i| {
@@ -240,6 +252,7 @@ impl Agent {
             verify_ms,
             restore_ms,
             clock_step_ms = woke.clock_step_ms,
+            restore_mode = restore_mode.as_deref().unwrap_or("-"),
             "sandbox awake"
         );
         Ok(())

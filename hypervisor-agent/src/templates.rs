@@ -175,7 +175,8 @@ impl Agent {
     }
 
     /// Boots the template VM, waits for its agent, and snapshots it into
-    /// `staging` (memory file, state, writable disk).
+    /// `staging` (memory file, state, writable disk; RAM inside the state
+    /// when the driver cannot leave it in the memory file).
     async fn boot_and_snapshot(
         &self,
         id: &str,
@@ -210,9 +211,10 @@ impl Agent {
             .await
             .map_err(|f| boot_failed(id, f))?;
         let state = staging.join("state");
+        let in_file = self.vmm.ram_in_memory_file();
         let saved = async {
             live.vm.pause().await?;
-            live.vm.save_state(&state, true).await
+            live.vm.save_state(&state, in_file).await
         }
         .await;
         live.vm.stop(VMM_STOP_GRACE).await;
@@ -223,9 +225,13 @@ impl Agent {
         Snapshot::seal(
             staging,
             SnapshotParts {
-                memory: MemoryLayout::File,
+                memory: if in_file {
+                    MemoryLayout::File
+                } else {
+                    MemoryLayout::Stream
+                },
                 state: &state,
-                memory_file: Some(&mem),
+                memory_file: in_file.then_some(mem.as_path()),
                 disk: &disk,
                 cpus: shape.cpus,
                 memory_mib: shape.memory_mib,
@@ -245,6 +251,19 @@ impl Agent {
         root: &RootDisk,
         shape: Shape,
     ) -> Result<(VmDir, LiveVm), AgentError> {
+        self.clone_vm(id, template, root, shape, false).await
+    }
+
+    /// Restores a clone of `template` into a new run directory for `id`,
+    /// running if `resume`, else left paused.
+    pub(crate) async fn clone_vm(
+        &self,
+        id: &str,
+        template: &Template,
+        root: &RootDisk,
+        shape: Shape,
+        resume: bool,
+    ) -> Result<(VmDir, LiveVm), AgentError> {
         let dir = VmDir::create(&self.config.vms_dir(), id)
             .map_err(AgentError::io(format!("create run directory for {id}")))?;
         if let Err(e) =
@@ -253,28 +272,32 @@ impl Agent {
             let _ = dir.remove();
             return Err(AgentError::io("copy the template's writable disk")(e));
         }
-        let Some(template_mem) = template.snapshot.memory_path() else {
-            let _ = dir.remove();
-            return Err(AgentError::Config(format!(
-                "template {} has no memory file",
-                template.key
-            )));
+        // RAM: the template's memory file mapped privately, or (layout
+        // Stream, Cloud Hypervisor) inside the template's state, which the
+        // driver reads without changing it.
+        let (memory, memory_in_file) = match template.snapshot.memory_path() {
+            Some(path) => (
+                MemoryBacking {
+                    path,
+                    shared: false,
+                },
+                true,
+            ),
+            None => (
+                MemoryBacking {
+                    path: dir.memory_file(),
+                    shared: true,
+                },
+                false,
+            ),
         };
-        let spec = self.vm_spec(
-            id,
-            shape,
-            root,
-            dir.rw_disk(),
-            MemoryBacking {
-                path: template_mem,
-                shared: false,
-            },
-        );
+        let spec = self.vm_spec(id, shape, root, dir.rw_disk(), memory);
         let incoming = Incoming {
             state: template.snapshot.state_path(),
-            memory_in_file: true,
+            memory_in_file,
+            resume,
         };
-        match launch::restore_paused(self.vmm.as_ref(), &spec, &dir, &incoming).await {
+        match launch::restore(self.vmm.as_ref(), &spec, &dir, &incoming).await {
             Ok(live) => {
                 *self.state().clones.entry(template.key.clone()).or_default() += 1;
                 Ok((dir, live))
@@ -298,7 +321,7 @@ impl Agent {
         template: &Template,
         started: Instant,
     ) -> Result<SandboxInfo, AgentError> {
-        let (dir, live) = self.clone_paused(&id, template, root, shape).await?;
+        let (dir, live) = self.clone_vm(&id, template, root, shape, true).await?;
         let sandbox = self.new_sandbox(
             &id,
             req,
@@ -311,7 +334,7 @@ impl Agent {
         );
         self.insert(sandbox.clone());
         let deadline = Instant::now() + self.config.boot_timeout;
-        match launch::resume_and_wake(
+        match launch::wake_restored(
             &live,
             &sandbox.dir,
             Some(launch::identity_for(&id)),

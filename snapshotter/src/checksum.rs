@@ -44,6 +44,56 @@ pub fn file_digest(path: &Path) -> io::Result<String> {
     Ok(format!("xxh3-128:{:032x}", h.digest128()))
 }
 
+/// The regular files under `dir`, recursively, as paths relative to it,
+/// sorted. Anything else (symlinks, sockets, devices) is an error: a
+/// snapshot directory holds only files the VMM wrote.
+pub fn dir_files(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    fn walk(
+        root: &Path,
+        rel: &Path,
+        out: &mut Vec<std::path::PathBuf>,
+    ) -> io::Result<()> {
+        for entry in std::fs::read_dir(root.join(rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else if kind.is_file() {
+                out.push(path);
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is neither a regular file nor a directory",
+                        root.join(&path).display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// `xxh3-128:<hex>` over a directory's files given as (relative path,
+/// size, file digest), in order: a renamed, added, removed or changed file
+/// changes it.
+pub fn dir_digest<'a>(files: impl Iterator<Item = (&'a Path, u64, &'a str)>) -> String {
+    let mut h = Xxh3::new();
+    for (path, size, digest) in files {
+        h.update(path.as_os_str().as_encoded_bytes());
+        h.update(&[0]);
+        h.update(&size.to_le_bytes());
+        h.update(digest.as_bytes());
+        h.update(&[b'\n']);
+    }
+    format!("xxh3-128:{:032x}", h.digest128())
+}
+
 /// The next data extent at or after `pos`: (start, end). A file system
 /// without SEEK_DATA support reports the whole rest as data.
 fn next_extent(f: &File, pos: u64, len: u64) -> io::Result<(u64, u64)> {

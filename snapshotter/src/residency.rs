@@ -8,8 +8,16 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// Bytes of `path` resident in the page cache (mmap + mincore).
+/// Bytes of `path` resident in the page cache (mmap + mincore); for a
+/// directory, the total of its files.
 pub fn resident_bytes(path: &Path) -> io::Result<u64> {
+    if path.is_dir() {
+        let mut total = 0;
+        for f in crate::checksum::dir_files(path)? {
+            total += resident_bytes(&path.join(f))?;
+        }
+        return Ok(total);
+    }
     let f = File::open(path)?;
     let len = f.metadata()?.len() as usize;
     if len == 0 {
@@ -46,8 +54,15 @@ pub fn resident_bytes(path: &Path) -> io::Result<u64> {
     Ok(vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64)
 }
 
-/// Writes `path`'s dirty pages to disk and drops it from the page cache.
+/// Writes `path`'s dirty pages to disk and drops it from the page cache;
+/// for a directory, every file in it (and the directory itself is synced).
 pub fn release(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        for f in crate::checksum::dir_files(path)? {
+            release(&path.join(f))?;
+        }
+        return File::open(path)?.sync_all();
+    }
     let f = File::open(path)?;
     f.sync_data()?;
     // SAFETY: fadvise on a descriptor we own.
@@ -72,5 +87,17 @@ mod tests {
         assert_eq!(resident_bytes(&p).unwrap(), 0);
         std::fs::write(dir.path().join("empty"), b"").unwrap();
         assert_eq!(resident_bytes(&dir.path().join("empty")).unwrap(), 0);
+    }
+
+    #[test]
+    fn release_covers_every_file_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("state");
+        std::fs::create_dir_all(snap.join("sub")).unwrap();
+        std::fs::write(snap.join("memory-ranges"), vec![7u8; 4 << 20]).unwrap();
+        std::fs::write(snap.join("sub/state.json"), vec![1u8; 1 << 20]).unwrap();
+        assert!(resident_bytes(&snap).unwrap() > 4 << 20);
+        release(&snap).unwrap();
+        assert_eq!(resident_bytes(&snap).unwrap(), 0);
     }
 }

@@ -1,14 +1,16 @@
-//! One VM snapshot on disk: the VMM's device-state file, the guest memory
-//! (a separate memory file, or inside the state stream), the writable disk,
-//! and `snapshot.json`, which records their checksums so a damaged or
-//! missing part is found before anything is restored from it.
+//! One VM snapshot on disk: the VMM's device state (a file, or a directory
+//! of files: Cloud Hypervisor writes `config.json`, `state.json` and
+//! `memory-ranges`), the guest memory (a separate memory file, or inside the
+//! state), the writable disk, and `snapshot.json`, which records their
+//! checksums (every file of a directory part) so a damaged, missing or
+//! extra file is found before anything is restored from it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checksum::file_digest;
+use crate::checksum::{dir_digest, file_digest};
 use crate::error::SnapshotError;
 
 /// Bumped whenever the layout or the meaning of a field changes.
@@ -28,13 +30,120 @@ pub enum MemoryLayout {
     Stream,
 }
 
-/// A file that belongs to a snapshot, with its checksum.
+/// A file (or directory) that belongs to a snapshot, with its checksum.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
     /// Path relative to the snapshot directory, or absolute.
     pub path: PathBuf,
+    /// Bytes; for a directory, the total of its files.
     pub size: u64,
+    /// The file's checksum; for a directory, a checksum over its files'
+    /// names, sizes and checksums.
     pub digest: String,
+    /// Present when the part is a directory: every regular file in it
+    /// (recursively), with paths relative to the directory, sorted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<Part>>,
+}
+
+impl Part {
+    /// Records the file or directory at `path`; the part's path is
+    /// `path` made relative to `base` when it lies inside it.
+    pub fn of(path: &Path, base: &Path) -> Result<Part, SnapshotError> {
+        let rel = path
+            .strip_prefix(base)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| path.to_path_buf());
+        let meta = std::fs::metadata(path).map_err(SnapshotError::io("stat", path))?;
+        if !meta.is_dir() {
+            let digest = file_digest(path).map_err(SnapshotError::io("checksum", path))?;
+            return Ok(Part {
+                path: rel,
+                size: meta.len(),
+                digest,
+                files: None,
+            });
+        }
+        let mut files = Vec::new();
+        for file in crate::checksum::dir_files(path).map_err(SnapshotError::io("list", path))? {
+            let full = path.join(&file);
+            let size = std::fs::metadata(&full)
+                .map_err(SnapshotError::io("stat", &full))?
+                .len();
+            let digest = file_digest(&full).map_err(SnapshotError::io("checksum", &full))?;
+            files.push(Part {
+                path: file,
+                size,
+                digest,
+                files: None,
+            });
+        }
+        Ok(Part {
+            path: rel,
+            size: files.iter().map(|f| f.size).sum(),
+            digest: dir_digest(files.iter().map(|f| (f.path.as_path(), f.size, f.digest.as_str()))),
+            files: Some(files),
+        })
+    }
+
+    /// Checks the file or directory at `path` against this record.
+    fn check(&self, path: &Path) -> Result<(), SnapshotError> {
+        let Some(files) = &self.files else {
+            return check_file(path, self.size, &self.digest);
+        };
+        let found = match crate::checksum::dir_files(path) {
+            Ok(found) => found,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SnapshotError::Missing {
+                    what: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(SnapshotError::io("list", path)(e)),
+        };
+        if let Some(extra) = found.iter().find(|f| !files.iter().any(|p| &p.path == *f)) {
+            return Err(SnapshotError::Corrupt {
+                path: path.join(extra),
+                reason: "this file is not part of the snapshot that was sealed".into(),
+            });
+        }
+        for file in files {
+            check_file(&path.join(&file.path), file.size, &file.digest)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one file's size and checksum.
+fn check_file(path: &Path, size: u64, digest: &str) -> Result<(), SnapshotError> {
+    let found = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => {
+            return Err(SnapshotError::Corrupt {
+                path: path.to_path_buf(),
+                reason: "it is not a regular file".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SnapshotError::Missing {
+                what: path.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(SnapshotError::io("stat", path)(e)),
+    };
+    if found != size {
+        return Err(SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("size is {found} bytes, the snapshot recorded {size}"),
+        });
+    }
+    let actual = file_digest(path).map_err(SnapshotError::io("checksum", path))?;
+    if actual != digest {
+        return Err(SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("checksum is {actual}, the snapshot recorded {digest}"),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,21 +188,7 @@ impl Snapshot {
     /// a snapshot without it is not a snapshot).
     pub fn seal(dir: &Path, parts: SnapshotParts<'_>) -> Result<Snapshot, SnapshotError> {
         let started = Instant::now();
-        let part = |p: &Path| -> Result<Part, SnapshotError> {
-            let size = std::fs::metadata(p)
-                .map_err(SnapshotError::io("stat", p))?
-                .len();
-            let digest = file_digest(p).map_err(SnapshotError::io("checksum", p))?;
-            let rel = p
-                .strip_prefix(dir)
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|_| p.to_path_buf());
-            Ok(Part {
-                path: rel,
-                size,
-                digest,
-            })
-        };
+        let part = |p: &Path| Part::of(p, dir);
         if (parts.memory == MemoryLayout::File) != parts.memory_file.is_some() {
             return Err(SnapshotError::Invalid {
                 dir: dir.to_path_buf(),
@@ -187,36 +282,14 @@ impl Snapshot {
         self.path_of(&self.meta.disk)
     }
 
-    /// Checks that every part exists with its recorded size and checksum.
+    /// Checks that every part exists with its recorded size and checksum
+    /// (for a directory part: every file, and no file besides them).
     pub fn verify(&self) -> Result<(), SnapshotError> {
         let parts = std::iter::once(&self.meta.state)
             .chain(self.meta.memory_file.as_ref())
             .chain(std::iter::once(&self.meta.disk));
         for part in parts {
-            let path = self.path_of(part);
-            let size = match std::fs::metadata(&path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(SnapshotError::Missing { what: path });
-                }
-                Err(e) => return Err(SnapshotError::io("stat", &path)(e)),
-            };
-            if size != part.size {
-                return Err(SnapshotError::Corrupt {
-                    path,
-                    reason: format!("size is {size} bytes, the snapshot recorded {}", part.size),
-                });
-            }
-            let digest = file_digest(&path).map_err(SnapshotError::io("checksum", &path))?;
-            if digest != part.digest {
-                return Err(SnapshotError::Corrupt {
-                    path,
-                    reason: format!(
-                        "checksum is {digest}, the snapshot recorded {}",
-                        part.digest
-                    ),
-                });
-            }
+            part.check(&self.path_of(part))?;
         }
         Ok(())
     }
@@ -294,6 +367,89 @@ mod tests {
             Snapshot::open(dir.path()),
             Err(SnapshotError::Missing { .. })
         ));
+    }
+
+    /// Cloud Hypervisor's snapshot is a directory; every file in it is
+    /// covered, and a changed, missing or extra file is found.
+    #[test]
+    fn directory_state_parts_are_checksummed_file_by_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("config.json"), br#"{"cpus":{}}"#).unwrap();
+        std::fs::write(state.join("state.json"), b"{}").unwrap();
+        let f = std::fs::File::create(state.join("memory-ranges")).unwrap();
+        f.set_len(32 << 20).unwrap();
+        let disk = dir.path().join("rw.ext4");
+        std::fs::write(&disk, vec![1u8; 4096]).unwrap();
+        let snap = Snapshot::seal(
+            dir.path(),
+            SnapshotParts {
+                memory: MemoryLayout::Stream,
+                state: &state,
+                memory_file: None,
+                disk: &disk,
+                cpus: 1,
+                memory_mib: 32,
+                root_disk: "disk".into(),
+            },
+        )
+        .unwrap();
+        let part = &snap.meta().state;
+        assert_eq!(part.path, PathBuf::from("state"));
+        let files: Vec<_> = part.files.as_ref().unwrap().iter().map(|f| f.path.clone()).collect();
+        assert_eq!(
+            files,
+            ["config.json", "memory-ranges", "state.json"].map(PathBuf::from)
+        );
+        assert_eq!(part.size, (32 << 20) + 2 + 11);
+        let snap = Snapshot::open(dir.path()).unwrap();
+        snap.verify().unwrap();
+        assert_eq!(snap.state_path(), state);
+
+        std::fs::write(state.join("state.json"), b"{ ").unwrap();
+        match snap.verify() {
+            Err(SnapshotError::Corrupt { path, reason }) => {
+                assert_eq!(path, state.join("state.json"));
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        std::fs::write(state.join("state.json"), b"{}").unwrap();
+        snap.verify().unwrap();
+        std::fs::write(state.join("extra"), b"x").unwrap();
+        match snap.verify() {
+            Err(SnapshotError::Corrupt { path, reason }) => {
+                assert_eq!(path, state.join("extra"));
+                assert!(reason.contains("not part of the snapshot"), "{reason}");
+            }
+            other => panic!("expected an extra file, got {other:?}"),
+        }
+        std::fs::remove_file(state.join("extra")).unwrap();
+        std::fs::remove_file(state.join("memory-ranges")).unwrap();
+        match snap.verify() {
+            Err(SnapshotError::Missing { what }) => assert_eq!(what, state.join("memory-ranges")),
+            other => panic!("expected a missing file, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&state).unwrap();
+        match snap.verify() {
+            Err(SnapshotError::Missing { what }) => assert_eq!(what, state),
+            other => panic!("expected a missing directory, got {other:?}"),
+        }
+    }
+
+    /// Snapshots sealed before directory parts existed still open.
+    #[test]
+    fn file_parts_serialise_as_before() {
+        let part = Part {
+            path: "state".into(),
+            size: 1,
+            digest: "d".into(),
+            files: None,
+        };
+        let json = serde_json::to_string(&part).unwrap();
+        assert_eq!(json, r#"{"path":"state","size":1,"digest":"d"}"#);
+        assert_eq!(serde_json::from_str::<Part>(&json).unwrap(), part);
     }
 
     #[test]

@@ -71,12 +71,15 @@ pub struct Template {
 }
 
 impl Template {
-    /// Allocated bytes of its files on disk.
+    /// Allocated bytes of its files on disk (directory parts included).
     pub fn size_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        std::fs::read_dir(self.snapshot.dir())
-            .map(|it| {
-                it.filter_map(|e| e.ok()?.metadata().ok())
+        let dir = self.snapshot.dir();
+        crate::checksum::dir_files(dir)
+            .map(|files| {
+                files
+                    .iter()
+                    .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
                     .map(|m| m.blocks() * 512)
                     .sum()
             })

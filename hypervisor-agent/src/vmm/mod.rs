@@ -3,9 +3,11 @@
 //! crash recovery, the guest client) is driver-independent.
 //!
 //! The shape follows what both supported VMMs can do: QEMU (command line +
-//! QMP) and Cloud Hypervisor (REST API: `vm.create` with a payload, disks,
-//! vsock, serial; `vm.boot`, `vm.pause`, `vm.shutdown`, ...).
+//! QMP, [`qemu`]) and Cloud Hypervisor (REST API: `vm.create` with a
+//! payload, disks, vsock, serial; `vm.boot`, `vm.pause`, `vm.snapshot`,
+//! `vm.restore`, ...; [`cloud_hypervisor`]).
 
+pub mod cloud_hypervisor;
 pub mod qemu;
 pub mod qmp;
 
@@ -94,14 +96,20 @@ pub struct NetSpec {
     pub mac: String,
 }
 
-/// Restore instead of boot: the VMM starts paused and loads this state.
+/// Restore instead of boot: the VMM loads this state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
-    /// The state file a previous `Vm::save_state` wrote.
+    /// What a previous `Vm::save_state` wrote: a file (QEMU's migration
+    /// stream) or a directory (Cloud Hypervisor's snapshot directory).
     pub state: PathBuf,
     /// The state holds device state only; RAM comes from the memory file
-    /// (QEMU's `x-ignore-shared`). False when RAM is inside the stream.
+    /// (QEMU's `x-ignore-shared`). False when RAM is inside the state.
     pub memory_in_file: bool,
+    /// Run the VM as soon as its state is loaded (Cloud Hypervisor:
+    /// `resume: true` in the same `vm.restore` call; QEMU: `cont` right
+    /// after the incoming migration). False: it stays paused until
+    /// [`Vm::resume`] (warm pools).
+    pub resume: bool,
 }
 
 /// Everything a driver needs to start a VM.
@@ -129,6 +137,50 @@ pub enum AgentEndpoint {
     SerialSocket(PathBuf),
     /// A kernel vsock address (QEMU with vhost-vsock).
     Vsock { cid: u32, port: u32 },
+    /// Cloud Hypervisor's hybrid vsock: a Unix socket on the host; each
+    /// connection starts with `CONNECT <port>\n`, answered `OK <n>\n`, then
+    /// it is a plain byte stream to the guest's vsock `port`.
+    HybridVsock { socket: PathBuf, port: u32 },
+}
+
+/// A host PCI device for VFIO passthrough (a GPU, typically), bound to
+/// `vfio-pci` on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioDevice {
+    /// Its sysfs path, `/sys/bus/pci/devices/<domain:bus:dev.fn>`.
+    pub path: PathBuf,
+    /// The device id inside the VMM (chosen by the VMM when None).
+    pub id: Option<String>,
+}
+
+/// A device attached to a running VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedDevice {
+    /// The VMM's id for it (what [`Vm::remove_device`] takes).
+    pub id: String,
+    /// Its guest PCI address (segment:bus:device.function), when reported.
+    pub bdf: Option<String>,
+}
+
+/// What a driver (on this host) can do beyond booting, pausing and
+/// snapshotting VMs. The scheduler places GPU sandboxes only on hosts
+/// whose driver reports [`VmmCapabilities::gpu_host`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmmCapabilities {
+    /// The driver attaches host PCI devices through VFIO
+    /// ([`Vm::add_device`] / [`Vm::remove_device`]).
+    pub vfio: bool,
+    /// GPUs on this host bound to `vfio-pci`, ready to pass through (found
+    /// when the driver started; empty when `vfio` is false).
+    pub gpus: Vec<VfioDevice>,
+}
+
+impl VmmCapabilities {
+    /// This host can run GPU sandboxes: the driver does VFIO and there is
+    /// at least one GPU bound to `vfio-pci`.
+    pub fn gpu_host(&self) -> bool {
+        self.vfio && !self.gpus.is_empty()
+    }
 }
 
 /// How a VM process ended.
@@ -168,6 +220,11 @@ pub enum VmmError {
     },
     #[error("QMP: {0}")]
     Qmp(#[from] qmp::QmpError),
+    /// Cloud Hypervisor errors name the binary and the API call.
+    #[error(transparent)]
+    CloudHypervisor(#[from] cloud_hypervisor::ChError),
+    #[error("this VMM driver cannot {what}")]
+    Unsupported { what: String },
 }
 
 /// A VMM driver.
@@ -182,10 +239,26 @@ pub trait Vmm: Send + Sync + 'static {
     /// Kernel parameters the guest needs on this driver's machine model.
     fn guest_kernel_args(&self) -> &'static str;
 
+    /// Whether a snapshot can leave guest RAM in the VM's shared memory
+    /// file ([`MemoryBacking`], QEMU's `x-ignore-shared`). When false,
+    /// [`Vm::save_state`] always writes RAM into the state (Cloud
+    /// Hypervisor's `memory-ranges`), so callers seal snapshots with RAM
+    /// inside the state and pass `memory_in_file: false`.
+    fn ram_in_memory_file(&self) -> bool {
+        true
+    }
+
+    /// What this driver can do on this host beyond the basics.
+    fn capabilities(&self) -> VmmCapabilities {
+        VmmCapabilities::default()
+    }
+
     /// Start a VM for `spec`, with its sockets, logs and pid file in `dir`.
     /// Without `incoming` it boots and returns once the VMM process runs
     /// (the guest may still be booting). With `incoming` it restores that
-    /// state and returns with the VM paused, ready for [`Vm::resume`].
+    /// state and returns with the VM running if [`Incoming::resume`] is set,
+    /// else paused, ready for [`Vm::resume`]. On error no VMM process is
+    /// left behind (it is killed and reaped).
     async fn launch(
         &self,
         spec: &VmSpec,
@@ -218,14 +291,39 @@ pub trait Vm: Send + Sync {
     /// Run the vCPUs again.
     async fn resume(&self) -> Result<(), VmmError>;
 
-    /// Write the paused VM's state to `path`. With `memory_in_file` only
-    /// device state is written (RAM stays in the shared memory file);
-    /// otherwise RAM goes into the stream too.
+    /// Write the paused VM's state to `path`: a file (QEMU) or a directory
+    /// (Cloud Hypervisor), replaced if it exists. With `memory_in_file`
+    /// only device state is written (RAM stays in the shared memory file);
+    /// otherwise RAM goes into the state too.
     async fn save_state(
         &self,
         path: &std::path::Path,
         memory_in_file: bool,
     ) -> Result<(), VmmError>;
+
+    /// How the last restore brought guest memory back (Cloud Hypervisor's
+    /// `memory_restore_mode`), for logs; None after a boot or when the
+    /// driver has no such choice.
+    fn restore_mode(&self) -> Option<String> {
+        None
+    }
+
+    /// Hot-plug a host PCI device (VFIO) into the running VM.
+    async fn add_device(&self, device: &VfioDevice) -> Result<AttachedDevice, VmmError> {
+        Err(VmmError::Unsupported {
+            what: format!(
+                "attach VFIO device {} (use the Cloud Hypervisor driver)",
+                device.path.display()
+            ),
+        })
+    }
+
+    /// Hot-unplug a device [`Vm::add_device`] attached.
+    async fn remove_device(&self, id: &str) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported {
+            what: format!("detach device {id}"),
+        })
+    }
 
     /// Ask the VMM to exit through its control API (QMP `quit`, CH
     /// `vmm.shutdown`); kill it if it has not exited within `grace`.

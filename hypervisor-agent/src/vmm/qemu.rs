@@ -287,6 +287,16 @@ impl Vmm for QemuVmm {
                     incoming.state.display()
                 )));
             }
+            if incoming.resume
+                && let Err(e) = vm.resume().await
+            {
+                vm.kill().await;
+                let log = dir.vmm_log_tail(5);
+                return Err(failed(format!(
+                    "resume after restoring {}: {e}; VMM said: {log}",
+                    incoming.state.display()
+                )));
+            }
         }
         Ok(Box::new(vm))
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use somna_hypervisor_agent::{AccelMode, AgentConfig};
+use somna_hypervisor_agent::{AccelMode, AgentConfig, VmmKind};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Args)]
@@ -24,6 +24,15 @@ pub struct AgentArgs {
     /// The QEMU binary.
     #[arg(long, env = "SOMNA_QEMU")]
     qemu: Option<PathBuf>,
+    /// Run sandboxes with Cloud Hypervisor (KVM only, v52.0 or newer):
+    /// the path of the operator-supplied `cloud-hypervisor` binary, or a
+    /// name on PATH. QEMU is used when this is not given.
+    #[arg(
+        long = "cloud-hypervisor",
+        env = "SOMNA_CLOUD_HYPERVISOR",
+        value_name = "PATH"
+    )]
+    cloud_hypervisor: Option<PathBuf>,
     /// Seconds a guest may take to boot before create fails.
     #[arg(long)]
     boot_timeout: Option<u64>,
@@ -67,6 +76,9 @@ impl AgentArgs {
         }
         if let Some(q) = self.qemu {
             config.qemu_binary = q;
+        }
+        if let Some(binary) = self.cloud_hypervisor {
+            config.vmm = VmmKind::CloudHypervisor { binary };
         }
         if let Some(s) = self.boot_timeout {
             config.boot_timeout = Duration::from_secs(s);
@@ -128,4 +140,32 @@ pub fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()>
         .open(path)?;
     f.write_all(secret.as_bytes())?;
     f.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    #[test]
+    fn cloud_hypervisor_flag_selects_the_driver() {
+        let config = Cli::parse_from(["somna", "--cloud-hypervisor", "/opt/ch/cloud-hypervisor"])
+            .agent
+            .config();
+        assert_eq!(
+            config.vmm,
+            VmmKind::CloudHypervisor {
+                binary: "/opt/ch/cloud-hypervisor".into()
+            }
+        );
+        if std::env::var_os("SOMNA_CLOUD_HYPERVISOR").is_none() {
+            assert_eq!(Cli::parse_from(["somna"]).agent.config().vmm, VmmKind::Qemu);
+        }
+    }
 }

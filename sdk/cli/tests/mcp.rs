@@ -246,6 +246,7 @@ async fn mcp_over_stdio() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mcp_over_streamable_http() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let platform = Platform::start(Options::new(env!("CARGO_BIN_EXE_somna")));
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_somna"))
         .args(["--json", "mcp", "--http", "127.0.0.1:0"])

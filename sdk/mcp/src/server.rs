@@ -193,19 +193,17 @@ impl Shared {
         lock(&self.sandboxes).remove(id);
     }
 
+    /// Destroys the picked sandboxes and forgets them once destroyed. They
+    /// stay in the map meanwhile: a concurrent caller (e.g. the session's
+    /// Drop and the stdio loop both ending the session) destroys them too
+    /// (NotFound counts as done), so whoever awaits this knows they are gone
+    /// when it returns, even if the process exits right after.
     async fn destroy_where(&self, pick: impl Fn(&Tracked) -> bool) {
-        let ids: Vec<String> = {
-            let mut map = lock(&self.sandboxes);
-            let ids: Vec<String> = map
-                .iter()
-                .filter(|(_, t)| pick(t))
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &ids {
-                map.remove(id);
-            }
-            ids
-        };
+        let ids: Vec<String> = lock(&self.sandboxes)
+            .iter()
+            .filter(|(_, t)| pick(t))
+            .map(|(id, _)| id.clone())
+            .collect();
         if ids.is_empty() {
             return;
         }
@@ -216,7 +214,8 @@ impl Shared {
         for id in ids {
             match client.destroy_sandbox(&id).await {
                 Ok(()) | Err(somna_sdk::Error::NotFound(_)) => {
-                    tracing::info!(sandbox = %id, "destroyed MCP sandbox")
+                    tracing::info!(sandbox = %id, "destroyed MCP sandbox");
+                    self.forget(&id);
                 }
                 Err(e) => tracing::warn!(sandbox = %id, "cannot destroy MCP sandbox: {e}"),
             }

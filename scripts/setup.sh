@@ -25,7 +25,7 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: it installs packages, and sandboxes need /dev/kvm or QEMU, loop-free disk images and root-owned files"
 
 # --- system packages ---------------------------------------------------------
-packages=(qemu-system-x86 e2fsprogs lz4 kmod cpio file mmdebstrap ca-certificates docker-registry apache2-utils skopeo erofs-utils openssl postgresql)
+packages=(qemu-system-x86 e2fsprogs lz4 kmod cpio file mmdebstrap ca-certificates docker-registry apache2-utils skopeo erofs-utils openssl postgresql python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -70,6 +70,18 @@ mkdir -p "$build/images"
 images/recipes/busybox/build.sh "$build/images/busybox" "$target/release/somna-mkimage"
 images/recipes/python/build.sh "$build/images/python" "$target/release/somna-mkimage"
 
+# --- Python SDK (sdk/python) and its test tools, in a venv ----------------------
+# The venv lives in the target dir so worktrees sharing build/ do not share it.
+pyvenv="$target/python-venv"
+step "Python SDK (venv $pyvenv)"
+[ -x "$pyvenv/bin/python" ] || python3 -m venv "$pyvenv"
+if ! "$pyvenv/bin/python" -c 'import grpc, grpc_tools, pytest, pytest_asyncio, setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null; then
+  "$pyvenv/bin/pip" install -q --disable-pip-version-check \
+    "setuptools>=77" wheel "grpcio>=1.66" "grpcio-tools>=1.66" "pytest>=8" "pytest-asyncio>=0.23"
+fi
+# Rebuilt every time (a few seconds): the stubs come from proto/ at build time.
+"$pyvenv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./sdk/python
+
 case "$mode" in
   build)
     step "built: $target/release/somna, $build/guest, $build/images"
@@ -78,6 +90,8 @@ case "$mode" in
     step "cargo test --release --workspace"
     export SOMNA_TEST_GUEST_DIR="$build/guest" SOMNA_TEST_IMAGE_DIR="$build/images"
     cargo test --release --locked --workspace
+    step "pytest sdk/python/tests (Python SDK against a real somna up)"
+    SOMNA_BIN="$target/release/somna" "$pyvenv/bin/python" -m pytest -q -p no:cacheprovider sdk/python/tests
     ;;
   up)
     step "install: /usr/local/bin/somna, /usr/local/lib/somna/guest, /var/lib/somna/oci"

@@ -38,7 +38,9 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-pub async fn run(client: &Client, args: ExecArgs) -> anyhow::Result<i32> {
+/// Runs the command; with `json` (and without -i/-t) prints one object
+/// with its exit code and whole output instead of streaming it.
+pub async fn run(client: &Client, args: ExecArgs, json: bool) -> anyhow::Result<i32> {
     let sandbox = client.sandbox(&args.id).await?;
     let mut cmd = Command::from_argv(args.command.clone());
     for (k, v) in args.env {
@@ -66,6 +68,9 @@ pub async fn run(client: &Client, args: ExecArgs) -> anyhow::Result<i32> {
         None
     };
 
+    if json && !interactive {
+        return run_json(&sandbox, cmd).await;
+    }
     let mut process = sandbox.spawn(cmd).await?;
     let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(8);
     if interactive {
@@ -127,6 +132,23 @@ pub async fn run(client: &Client, args: ExecArgs) -> anyhow::Result<i32> {
         }
     };
     Ok(code)
+}
+
+async fn run_json(sandbox: &somna_sdk::Sandbox, cmd: Command) -> anyhow::Result<i32> {
+    let out = sandbox.spawn(cmd).await?.wait_with_output().await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "sandbox_id": sandbox.id(),
+            "exit_code": out.exit_code,
+            "signal": out.signal,
+            "timed_out": out.timed_out,
+            "message": out.message,
+            "stdout": out.stdout_text(),
+            "stderr": out.stderr_text(),
+        })
+    );
+    Ok(out.exit_code)
 }
 
 fn terminal_size() -> Option<(u16, u16)> {

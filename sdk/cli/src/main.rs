@@ -5,12 +5,15 @@
 mod agent_args;
 mod agent_cmd;
 mod controlplane_cmd;
+mod completions;
 mod cp;
+mod doctor;
 mod exec;
 mod host;
 mod image;
 mod key;
 mod local_host;
+mod mcp;
 mod output;
 mod sandbox;
 mod up;
@@ -59,6 +62,12 @@ enum Command {
     /// Pull, list and remove images in the host's cache.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Serve sandboxes as MCP tools for models (stdio, or HTTP with --http).
+    Mcp(mcp::McpArgs),
+    /// Check that this host can run Somna, and say how to fix what cannot.
+    Doctor(doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +100,9 @@ fn main() -> ExitCode {
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.addr, cli.json).await,
             Command::Host(cmd) => host::run(cmd, &cli.addr, cli.json).await,
             Command::Image(cmd) => image::run(cmd, &cli.addr, cli.json).await,
+            Command::Mcp(args) => mcp::run(args, &cli.addr, cli.json).await,
+            Command::Doctor(args) => doctor::run(args, &cli.addr, cli.json).await,
+            Command::Completions(args) => completions::run::<Cli>(args),
         }
     });
     // Do not wait for blocking readers (e.g. a stdin pump) to finish.

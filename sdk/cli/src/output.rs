@@ -40,6 +40,8 @@ fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
 pub fn sandbox_json(s: &proto::Sandbox) -> Value {
     let mut env: Vec<_> = s.env.iter().collect();
     env.sort();
+    let mut labels: Vec<_> = s.labels.iter().collect();
+    labels.sort();
     json!({
         "id": s.id,
         "image": s.image,
@@ -49,6 +51,7 @@ pub fn sandbox_json(s: &proto::Sandbox) -> Value {
         "memory_mib": s.memory_mib,
         "disk_mib": s.disk_mib,
         "env": env.into_iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+        "labels": labels.into_iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
         "created_at": rfc3339(&s.created_at),
         "expires_at": rfc3339(&s.expires_at),
         "host": s.host,

@@ -18,12 +18,10 @@ pub enum SandboxCommand {
     /// List sandboxes (across all hosts).
     #[command(alias = "list")]
     Ls {
-        /// Only sandboxes with this label (K=V); repeatable.
+        /// Only sandboxes with this label (K=V); repeatable (all must match).
         #[arg(long = "label", short = 'l', value_parser = parse_env)]
         labels: Vec<(String, String)>,
     },
-    /// Set a sandbox's timeout: destroyed SECONDS from now (0: never).
-    Timeout { id: String, seconds: u64 },
     /// Show one sandbox.
     #[command(alias = "inspect")]
     Get { id: String },
@@ -38,6 +36,8 @@ pub enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Destroy the sandbox SECONDS from now (0: never destroy it by time).
+    SetTimeout { id: String, seconds: u64 },
     /// Destroy sandboxes.
     #[command(alias = "destroy")]
     Rm {
@@ -67,6 +67,9 @@ pub struct CreateArgs {
     /// Environment variable for every process (K=V); repeatable.
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Label (K=V) to find the sandbox by (`sandbox ls --label`); repeatable.
+    #[arg(long = "label", short = 'l', value_parser = parse_env)]
+    labels: Vec<(String, String)>,
     /// Destroy the sandbox after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
@@ -78,9 +81,6 @@ pub struct CreateArgs {
     /// cold-boot, template or warm-pool.
     #[arg(long, default_value = "auto", value_parser = parse_start_mode)]
     start: somna_sdk::proto::StartMode,
-    /// Label (K=V) to find the sandbox by; repeatable.
-    #[arg(long = "label", short = 'l', value_parser = parse_env)]
-    labels: Vec<(String, String)>,
     /// A client-chosen id for this create: retrying with the same id
     /// returns the sandbox the first attempt made instead of a second one.
     #[arg(long)]
@@ -111,17 +111,10 @@ pub async fn run(cmd: SandboxCommand, addr: &str, json: bool) -> anyhow::Result<
     let client = Client::connect(addr).await?;
     match cmd {
         SandboxCommand::Create(args) => create(&client, args, json).await.map(|()| 0),
-        SandboxCommand::Exec(args) => crate::exec::run(&client, args).await,
+        SandboxCommand::Exec(args) => crate::exec::run(&client, args, json).await,
         SandboxCommand::Ls { labels } => ls(&client, labels, json).await.map(|()| 0),
-        SandboxCommand::Timeout { id, seconds } => {
-            let timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
-            let sb = client.set_sandbox_timeout(&id, timeout).await?;
-            if json {
-                println!("{}", sandbox_json(&sb));
-            } else {
-                println!("{}", sb.id);
-            }
-            Ok(0)
+        SandboxCommand::SetTimeout { id, seconds } => {
+            set_timeout(&client, &id, seconds, json).await.map(|()| 0)
         }
         SandboxCommand::Get { id } => get(&client, &id, json).await.map(|()| 0),
         SandboxCommand::Rm { ids } => rm(&client, &ids, json).await,
@@ -207,6 +200,21 @@ async fn ls(client: &Client, labels: Vec<(String, String)>, json: bool) -> anyho
         &["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "HOST", "ACCEL"],
         &rows,
     );
+    Ok(())
+}
+
+async fn set_timeout(client: &Client, id: &str, seconds: u64, json: bool) -> anyhow::Result<()> {
+    let timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
+    let sb = client.set_sandbox_timeout(id, timeout).await?;
+    if json {
+        println!("{}", sandbox_json(&sb));
+    } else {
+        let expires = sandbox_json(&sb)["expires_at"].clone();
+        match expires.as_str() {
+            Some(at) => println!("{} expires at {at}", sb.id),
+            None => println!("{} has no timeout", sb.id),
+        }
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use aya::{
 use tracing::{debug, info};
 
 use crate::{
-    Ipv4Cidr, NetPolicy,
+    Ipv4Cidr, EgressPolicy,
     contract::TAP_NAME,
     error::{NetError, Result},
     sys,
@@ -459,7 +459,7 @@ impl Maps {
     /// lists go in under the other generation, one write to `slot_cfg`
     /// switches to them, then the old ones are removed. Programs stay
     /// attached throughout.
-    pub fn apply_policy(&mut self, idx: u32, policy: &NetPolicy, prev: &Applied) -> Result<Applied> {
+    pub fn apply_policy(&mut self, idx: u32, policy: &EgressPolicy, prev: &Applied) -> Result<Applied> {
         let gen_bit = !prev.gen_bit;
         let (allow, deny) = policy.rules();
         let mut rules = Vec::with_capacity(allow.len() + deny.len());

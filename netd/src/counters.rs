@@ -1,4 +1,4 @@
-//! [`NetCounters`]: per-sandbox traffic counters and the activity clock.
+//! [`Counters`]: per-sandbox traffic counters and the activity clock.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +15,7 @@ use crate::bpf::SlotStats;
 /// health-check traffic (see [`crate::Netd::health_check_addr`]); `None` if
 /// there was none since the claim.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetCounters {
+pub struct Counters {
     pub rx_bytes: u64,
     pub rx_packets: u64,
     pub tx_bytes: u64,
@@ -30,10 +30,10 @@ pub struct NetCounters {
     pub last_activity_unix_ms: Option<u64>,
 }
 
-impl NetCounters {
+impl Counters {
     pub(crate) fn from_stats(s: &SlotStats) -> Self {
         let mono = (s.last_activity_ns != 0).then_some(s.last_activity_ns);
-        NetCounters {
+        Counters {
             rx_bytes: s.rx_bytes,
             rx_packets: s.rx_packets,
             tx_bytes: s.tx_bytes,

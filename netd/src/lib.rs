@@ -29,10 +29,10 @@
 //!   `bpf_fib_lookup`); forwarded traffic only through the egress
 //!   interface; then the sandbox's allow/deny lists (longest prefix wins),
 //!   the blocked ranges (private, link-local/metadata, ...) and the internet
-//!   switch. See [`policy`](NetPolicy) for the order. Policy changes are map
+//!   switch. See [`policy`](EgressPolicy) for the order. Policy changes are map
 //!   writes with an atomic generation switch ([`Netd::update_policy`]).
 //! - **Ingress** (`slot_ingress`, host veth egress): new TCP connections
-//!   into the guest only on [`NetPolicy::exposed_tcp_ports`]. The host's
+//!   into the guest only on [`EgressPolicy::exposed_tcp_ports`]. The host's
 //!   nftables table admits nothing from outside but replies.
 //! - **Accounting**: bytes/packets in and out, drops, and the last-activity
 //!   time per slot in a per-CPU map ([`Netd::counters`]).
@@ -87,7 +87,7 @@ pub use bpf::DROP_REASON_NAMES;
 pub use cidr::{CidrParseError, Ipv4Cidr};
 pub use config::{Egress, HostService, NetdConfig, Proto};
 pub use contract::GuestNetwork;
-pub use counters::{NetCounters, monotonic_now_ns};
+pub use counters::{Counters, monotonic_now_ns};
 pub use error::{ErrorKind, NetError, Result};
-pub use netd::{Netd, PoolStatus, SlotId, SlotLease};
-pub use policy::{BLOCKED_RANGES, MAX_EXPOSED_PORTS, MAX_RULES, NetPolicy};
+pub use netd::{Netd, SlotPool, SlotId, Slot};
+pub use policy::{BLOCKED_RANGES, MAX_EXPOSED_PORTS, MAX_RULES, EgressPolicy};

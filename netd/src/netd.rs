@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
-    Egress, NetCounters, NetPolicy, NetdConfig,
+    Egress, Counters, EgressPolicy, NetdConfig,
     bpf::{self, Applied, DROP_REASON_NAMES, Maps, Programs},
     contract::{self, GuestNetwork, TAP_NAME},
     error::{NetError, Result},
@@ -37,7 +37,7 @@ impl std::fmt::Display for SlotId {
 /// A claimed slot: everything the VMM and the platform need. Not a guard:
 /// give it back with [`Netd::release`] once the VMM has exited.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlotLease {
+pub struct Slot {
     pub id: SlotId,
     /// Who claimed it (the sandbox id).
     pub owner: String,
@@ -58,7 +58,7 @@ pub struct SlotLease {
     pub guest: GuestNetwork,
 }
 
-impl SlotLease {
+impl Slot {
     /// Opens the slot's TAP for a VMM: the returned fd is the TAP queue
     /// (pass it to QEMU as `-netdev tap,id=net0,fd=N`, to Cloud Hypervisor
     /// as `--net fd=N,...`). With `vnet_hdr` frames carry a
@@ -69,9 +69,9 @@ impl SlotLease {
     }
 }
 
-/// The pool at a glance.
+/// The slot pool of a host at a glance (levels and the last refill error).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PoolStatus {
+pub struct SlotPool {
     /// Slots built and waiting for a claim.
     pub ready: usize,
     pub claimed: usize,
@@ -87,7 +87,7 @@ pub struct PoolStatus {
 
 struct Lease {
     owner: String,
-    policy: NetPolicy,
+    policy: EgressPolicy,
     applied: Applied,
 }
 
@@ -245,15 +245,15 @@ impl Netd {
     /// answers to) this address passes normally and is counted in bytes and
     /// packets, but does not move a sandbox's last-activity time. Use
     /// [`Netd::health_check_connect`], or bind a socket to this address
-    /// before connecting to [`SlotLease::sandbox_addr`].
+    /// before connecting to [`Slot::sandbox_addr`].
     pub fn health_check_addr(&self) -> Ipv4Addr {
         self.inner.layout.health_ip()
     }
 
-    /// Checks a policy against this host: [`NetPolicy::validate`] plus
+    /// Checks a policy against this host: [`EgressPolicy::validate`] plus
     /// allow entries that can never take effect (inside the sandbox network
     /// or loopback).
-    pub fn validate_policy(&self, policy: &NetPolicy) -> Result<()> {
+    pub fn validate_policy(&self, policy: &EgressPolicy) -> Result<()> {
         policy.validate()?;
         let subnet = self.inner.config.host_subnet;
         let loopback = crate::Ipv4Cidr::new(Ipv4Addr::new(127, 0, 0, 0), 8)
@@ -278,7 +278,7 @@ impl Netd {
     /// Claims a ready slot for `owner` with `policy` in force. Only BPF map
     /// writes when the pool has a slot (the pool refills in the
     /// background); builds one on the spot (tens of ms) when it is empty.
-    pub fn claim(&self, owner: &str, policy: &NetPolicy) -> Result<SlotLease> {
+    pub fn claim(&self, owner: &str, policy: &EgressPolicy) -> Result<Slot> {
         let t0 = Instant::now();
         self.validate_policy(policy)?;
         let inner = &self.inner;
@@ -330,7 +330,7 @@ impl Netd {
 
     /// Replaces the policy of a claimed slot, live: the programs stay
     /// attached, the switch to the new lists is atomic.
-    pub fn update_policy(&self, id: SlotId, policy: &NetPolicy) -> Result<()> {
+    pub fn update_policy(&self, id: SlotId, policy: &EgressPolicy) -> Result<()> {
         self.validate_policy(policy)?;
         let mut st = lock(&self.inner.state)?;
         let lease = st
@@ -346,7 +346,7 @@ impl Netd {
     }
 
     /// The policy in force on a claimed slot.
-    pub fn policy(&self, id: SlotId) -> Result<NetPolicy> {
+    pub fn policy(&self, id: SlotId) -> Result<EgressPolicy> {
         let st = lock(&self.inner.state)?;
         st.slots
             .get(&id.0)
@@ -356,7 +356,7 @@ impl Netd {
     }
 
     /// The traffic counters of a claimed slot (since its claim).
-    pub fn counters(&self, id: SlotId) -> Result<NetCounters> {
+    pub fn counters(&self, id: SlotId) -> Result<Counters> {
         {
             let st = lock(&self.inner.state)?;
             if !st.slots.get(&id.0).is_some_and(|s| s.lease.is_some()) {
@@ -364,7 +364,7 @@ impl Netd {
             }
         }
         let stats = lock(&self.inner.maps)?.read_stats(id.0)?;
-        Ok(NetCounters::from_stats(&stats))
+        Ok(Counters::from_stats(&stats))
     }
 
     /// Returns a slot to the pool, clean: policy and counters reset, all its
@@ -401,24 +401,32 @@ impl Netd {
             }
         };
         let mut st = lock(&inner.state)?;
-        if reuse && !st.shut_down && st.ready.len() < inner.config.pool_size {
-            st.ready.push_back(idx);
-            drop(st);
-            inner.wake.notify_all();
-            debug!(slot = idx, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3, "netd: slot released");
-            return Ok(());
-        }
-        let Some(s) = st.slots.remove(&idx) else {
-            return Ok(());
+        // A clean released slot is claimed next (it is warm, and its reset
+        // is what a claim relies on); a pool over its size sheds the slot at
+        // the back of the queue instead.
+        let surplus = if reuse && !st.shut_down {
+            st.ready.push_front(idx);
+            if st.ready.len() > inner.config.pool_size {
+                st.ready.pop_back()
+            } else {
+                None
+            }
+        } else {
+            Some(idx)
         };
+        let removed = surplus.and_then(|i| st.slots.remove(&i).map(|s| (i, s)));
         drop(st);
-        let result = slot::destroy(&inner.layout, &inner.maps, idx, s.built);
+        let result = match removed {
+            Some((i, s)) => slot::destroy(&inner.layout, &inner.maps, i, s.built),
+            None => Ok(()),
+        };
         inner.wake.notify_all();
+        debug!(slot = idx, reused = reuse, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3, "netd: slot released");
         result
     }
 
     /// Every claimed slot.
-    pub fn claimed(&self) -> Vec<SlotLease> {
+    pub fn claimed(&self) -> Vec<Slot> {
         let st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         st.slots
             .iter()
@@ -427,9 +435,9 @@ impl Netd {
     }
 
     /// Pool levels.
-    pub fn pool_status(&self) -> PoolStatus {
+    pub fn pool_status(&self) -> SlotPool {
         let st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-        PoolStatus {
+        SlotPool {
             ready: st.ready.len(),
             claimed: st.slots.values().filter(|s| s.lease.is_some()).count(),
             building: st.building.len(),
@@ -471,7 +479,7 @@ impl Netd {
     /// Connects to `port` of the sandbox in `lease` from the health-check
     /// address, so the connection does not count as activity. The port must
     /// be exposed.
-    pub fn health_check_connect(&self, lease: &SlotLease, port: u16, timeout: Duration) -> Result<TcpStream> {
+    pub fn health_check_connect(&self, lease: &Slot, port: u16, timeout: Duration) -> Result<TcpStream> {
         crate::sys::connect_from(
             SocketAddrV4::new(self.health_check_addr(), 0),
             SocketAddrV4::new(lease.sandbox_addr, port),
@@ -538,9 +546,9 @@ impl Netd {
         Ok(())
     }
 
-    fn lease_of(&self, idx: SlotIndex, owner: &str) -> SlotLease {
+    fn lease_of(&self, idx: SlotIndex, owner: &str) -> Slot {
         let l = &self.inner.layout;
-        SlotLease {
+        Slot {
             id: SlotId(idx),
             owner: owner.to_string(),
             netns_name: l.netns_name(idx),

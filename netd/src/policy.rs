@@ -1,4 +1,4 @@
-//! [`NetPolicy`]: who a sandbox may talk to, with validation.
+//! [`EgressPolicy`]: who a sandbox may talk to, with validation.
 //!
 //! How a packet leaving a sandbox is judged, in order (enforced by the
 //! `slot_egress` eBPF program, see `bpf/slot.bpf.c`):
@@ -52,7 +52,7 @@ pub const BLOCKED_RANGES: &[&str] = &[
 /// nothing exposed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct NetPolicy {
+pub struct EgressPolicy {
     /// Access to the internet (everything not in [`BLOCKED_RANGES`]).
     /// `--no-internet` turns it off.
     pub internet: bool,
@@ -66,9 +66,9 @@ pub struct NetPolicy {
     pub exposed_tcp_ports: Vec<u16>,
 }
 
-impl Default for NetPolicy {
+impl Default for EgressPolicy {
     fn default() -> Self {
-        NetPolicy {
+        EgressPolicy {
             internet: true,
             allow_out: Vec::new(),
             deny_out: Vec::new(),
@@ -77,7 +77,7 @@ impl Default for NetPolicy {
     }
 }
 
-impl NetPolicy {
+impl EgressPolicy {
     /// Builds a policy from the CLI/API form (`--no-internet`,
     /// `--allow-out`, `--deny-out`), validated. Errors name the field
     /// (`allow_out`, `deny_out`) and the offending value.
@@ -86,7 +86,7 @@ impl NetPolicy {
         allow_out: &[A],
         deny_out: &[D],
     ) -> Result<Self> {
-        let policy = NetPolicy {
+        let policy = EgressPolicy {
             internet: !no_internet,
             allow_out: parse_list("allow_out", allow_out)?,
             deny_out: parse_list("deny_out", deny_out)?,
@@ -180,41 +180,41 @@ mod tests {
 
     #[test]
     fn from_args_parses_and_validates() {
-        let p = NetPolicy::from_args(true, &["10.0.0.0/8", "1.2.3.4"], &["10.1.0.0/16"]).unwrap();
+        let p = EgressPolicy::from_args(true, &["10.0.0.0/8", "1.2.3.4"], &["10.1.0.0/16"]).unwrap();
         assert!(!p.internet);
         assert_eq!(p.allow_out.len(), 2);
         assert_eq!(p.allow_out[1].to_string(), "1.2.3.4/32");
         assert_eq!(p.deny_out[0].to_string(), "10.1.0.0/16");
-        assert!(NetPolicy::from_args::<&str, &str>(false, &[], &[]).unwrap().internet);
+        assert!(EgressPolicy::from_args::<&str, &str>(false, &[], &[]).unwrap().internet);
     }
 
     #[test]
     fn invalid_cidr_names_field_and_entry() {
-        let e = NetPolicy::from_args(false, &["10.0.0.0/8"], &["300.1.1.1/32"]).unwrap_err();
+        let e = EgressPolicy::from_args(false, &["10.0.0.0/8"], &["300.1.1.1/32"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert_eq!(e.field(), Some("deny_out"));
         assert!(e.to_string().contains("entry 1"), "{e}");
         assert!(e.to_string().contains("300.1.1.1"), "{e}");
-        let e = NetPolicy::from_args::<_, &str>(false, &["ok", "10.1.2.3/8"], &[]).unwrap_err();
+        let e = EgressPolicy::from_args::<_, &str>(false, &["ok", "10.1.2.3/8"], &[]).unwrap_err();
         assert_eq!(e.field(), Some("allow_out"));
     }
 
     #[test]
     fn conflicting_rules_are_rejected() {
-        let e = NetPolicy::from_args(false, &["1.2.3.0/24"], &["1.2.3.0/24"]).unwrap_err();
+        let e = EgressPolicy::from_args(false, &["1.2.3.0/24"], &["1.2.3.0/24"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert_eq!(e.field(), Some("deny_out"));
         assert!(e.to_string().contains("both allowed and denied"), "{e}");
         // Nested prefixes are fine: the longer one wins.
-        NetPolicy::from_args(false, &["1.2.3.0/24"], &["1.2.0.0/16"]).unwrap();
+        EgressPolicy::from_args(false, &["1.2.3.0/24"], &["1.2.0.0/16"]).unwrap();
     }
 
     #[test]
     fn limits() {
         let many: Vec<String> = (0..=MAX_RULES).map(|i| format!("1.{}.{}.0/24", i / 256, i % 256)).collect();
-        let e = NetPolicy::from_args::<_, &str>(false, &many, &[]).unwrap_err();
+        let e = EgressPolicy::from_args::<_, &str>(false, &many, &[]).unwrap_err();
         assert_eq!(e.field(), Some("allow_out"));
-        let p = NetPolicy {
+        let p = EgressPolicy {
             exposed_tcp_ports: vec![0],
             ..Default::default()
         };
@@ -228,10 +228,10 @@ mod tests {
 
     #[test]
     fn serde_round_trip() {
-        let p = NetPolicy::from_args(true, &["10.0.0.0/8"], &["10.1.0.0/16"]).unwrap();
+        let p = EgressPolicy::from_args(true, &["10.0.0.0/8"], &["10.1.0.0/16"]).unwrap();
         let j = serde_json::to_string(&p).unwrap();
         assert!(j.contains("\"10.0.0.0/8\""), "{j}");
-        let back: NetPolicy = serde_json::from_str(&j).unwrap();
+        let back: EgressPolicy = serde_json::from_str(&j).unwrap();
         assert_eq!(back, p);
     }
 }

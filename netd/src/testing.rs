@@ -28,7 +28,7 @@ use std::{
 };
 
 use crate::{
-    Egress, Ipv4Cidr, SlotLease,
+    Egress, Ipv4Cidr, Slot,
     contract::{GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_MTU, GUEST_PREFIX_LEN, mac_string},
     error::{NetError, Result},
     slot::delete_link,
@@ -47,6 +47,12 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns` (for
+/// example [`Slot::netns_path`]): sockets it opens live there.
+pub fn in_netns<T: Send>(netns: &std::path::Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    sys::in_netns(netns, f)
 }
 
 fn netns_path(name: &str) -> PathBuf {
@@ -176,7 +182,7 @@ impl std::fmt::Debug for GuestStandIn {
 impl GuestStandIn {
     /// Attaches to the slot's TAP (its carrier comes up) and builds the
     /// guest namespace `name` (a `somna...` name).
-    pub fn attach(lease: &SlotLease, name: &str) -> Result<Self> {
+    pub fn attach(lease: &Slot, name: &str) -> Result<Self> {
         check_prefix(name.split('-').next().unwrap_or_default())?;
         let slot_tap = Arc::new(lease.open_tap(false)?);
         sys::run("ip", &["netns", "add", name], None)?;

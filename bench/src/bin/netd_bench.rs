@@ -7,14 +7,16 @@
 //! "internet" namespace behind its own veth is netd's only egress, and the
 //! traffic goes from a slot to it. Env: SOMNA_BENCH_POOL (slots per claim
 //! round, default 32), SOMNA_BENCH_ROUNDS (claim rounds, default 10),
-//! SOMNA_BENCH_RR (request/response round trips per path, default 5000),
-//! SOMNA_BENCH_MB (bulk MiB per path, default 256).
+//! SOMNA_BENCH_RR (request/response round trips per path and repetition,
+//! default 2000), SOMNA_BENCH_MB (bulk MiB per path and repetition, default
+//! 128), SOMNA_BENCH_REPS (alternating repetitions, default 5).
 //!
 //! Data path numbers: a TCP stream and a 1-byte request/response loop from
 //! a socket inside the slot's namespace (which crosses the host veth and
 //! both of its programs, NAT and routing) to the internet namespace, once
-//! with the programs attached and once on the same slot after detaching
-//! them. A second pair of runs goes through the TAP (guest_ingress too)
+//! with the programs attached and once on a slot whose programs were
+//! detached, alternating for SOMNA_BENCH_REPS repetitions (round-trip
+//! samples pooled, throughput: the median). A second pair of runs goes through the TAP (guest_ingress too)
 //! via the test stand-in for a VM, whose userspace frame relay dominates
 //! that path; it is reported for completeness.
 
@@ -119,20 +121,26 @@ fn slot_connect(slot: &Slot) -> impl Fn(SocketAddrV4) -> Result<TcpStream, BoxEr
     }
 }
 
-fn overhead(with: &PathResult, without: &PathResult) -> Value {
-    let p50 = |r: &PathResult| {
-        let mut v = r.rr.clone();
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+fn overhead(with: &[PathResult], without: &[PathResult]) -> Value {
+    let pooled = |rs: &[PathResult]| {
+        let mut v: Vec<f64> = rs.iter().flat_map(|r| r.rr.iter().copied()).collect();
         v.sort_by(f64::total_cmp);
-        (percentile(&v, 0.5), percentile(&v, 0.99))
+        v
     };
-    let (w50, w99) = p50(with);
-    let (o50, o99) = p50(without);
+    let (w, o) = (pooled(with), pooled(without));
+    let tw = median(with.iter().map(|r| r.mib_s).collect());
+    let to = median(without.iter().map(|r| r.mib_s).collect());
     json!({
-        "with_programs": { "rr": summary_us(with.rr.clone()), "throughput_mib_s": with.mib_s },
-        "without_programs": { "rr": summary_us(without.rr.clone()), "throughput_mib_s": without.mib_s },
-        "rr_p50_overhead_us": w50 - o50,
-        "rr_p99_overhead_us": w99 - o99,
-        "throughput_change_pct": (with.mib_s - without.mib_s) / without.mib_s * 100.0,
+        "with_programs": { "rr": summary_us(w.clone()), "throughput_mib_s_median": tw },
+        "without_programs": { "rr": summary_us(o.clone()), "throughput_mib_s_median": to },
+        "rr_p50_overhead_us": percentile(&w, 0.5) - percentile(&o, 0.5),
+        "rr_p99_overhead_us": percentile(&w, 0.99) - percentile(&o, 0.99),
+        "throughput_change_pct": (tw - to) / to * 100.0,
     })
 }
 
@@ -143,8 +151,9 @@ fn main() -> Result<(), BoxError> {
         .init();
     let pool = env_usize("SOMNA_BENCH_POOL", 32);
     let rounds = env_usize("SOMNA_BENCH_ROUNDS", 10);
-    let rr_n = env_usize("SOMNA_BENCH_RR", 5000);
-    let mib = env_usize("SOMNA_BENCH_MB", 256);
+    let rr_n = env_usize("SOMNA_BENCH_RR", 2000);
+    let mib = env_usize("SOMNA_BENCH_MB", 128);
+    let reps = env_usize("SOMNA_BENCH_REPS", 5).max(1);
 
     let inet = Internet::create("somnab", "203.0.113.60/30".parse()?)?;
     let config = NetdConfig {
@@ -190,21 +199,29 @@ fn main() -> Result<(), BoxError> {
     }
     let pool_misses = claim_us.iter().filter(|&&us| us > 10_000.0).count();
 
-    // Data path.
+    // Data path: two slots, one with the programs and one without, measured
+    // alternately so that load from elsewhere on the host hits both alike.
     let echo = TcpServer::spawn(inet.listen(7000)?, true)?;
     let discard = TcpServer::spawn(inet.listen(7001)?, false)?;
-    let slot = netd.claim("bench-path", &EgressPolicy::default())?;
-    let stand_in = GuestStandIn::attach(&slot, "somnab-g")?;
-    let guest_connect = |to: SocketAddrV4| -> Result<TcpStream, BoxError> {
-        Ok(stand_in.connect(to, Duration::from_secs(5))??)
+    let with = netd.claim("bench-with", &EgressPolicy::default())?;
+    let without = netd.claim("bench-without", &EgressPolicy::default())?;
+    netd.detach_programs_for_benchmark(without.id)?;
+    let g_with = GuestStandIn::attach(&with, "somnab-gw")?;
+    let g_without = GuestStandIn::attach(&without, "somnab-go")?;
+    let via = |g: &GuestStandIn, to: SocketAddrV4| -> Result<TcpStream, BoxError> {
+        Ok(g.connect(to, Duration::from_secs(5))??)
     };
-    let veth_with = measure_path(&slot_connect(&slot), echo.addr(), discard.addr(), rr_n, mib)?;
-    let tap_with = measure_path(&guest_connect, echo.addr(), discard.addr(), rr_n / 5, mib / 8)?;
-    netd.detach_programs_for_benchmark(slot.id)?;
-    let veth_without = measure_path(&slot_connect(&slot), echo.addr(), discard.addr(), rr_n, mib)?;
-    let tap_without = measure_path(&guest_connect, echo.addr(), discard.addr(), rr_n / 5, mib / 8)?;
-    drop(stand_in);
-    netd.release(slot.id)?;
+    let (mut veth_with, mut veth_without, mut tap_with, mut tap_without) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        veth_with.push(measure_path(&slot_connect(&with), echo.addr(), discard.addr(), rr_n, mib)?);
+        veth_without.push(measure_path(&slot_connect(&without), echo.addr(), discard.addr(), rr_n, mib)?);
+        tap_with.push(measure_path(&|to| via(&g_with, to), echo.addr(), discard.addr(), rr_n / 5, mib / 8)?);
+        tap_without.push(measure_path(&|to| via(&g_without, to), echo.addr(), discard.addr(), rr_n / 5, mib / 8)?);
+    }
+    drop((g_with, g_without));
+    netd.release(with.id)?;
+    netd.release(without.id)?;
 
     let t = Instant::now();
     netd.shutdown()?;
@@ -227,6 +244,7 @@ fn main() -> Result<(), BoxError> {
             "start_slots_per_s": pool as f64 / start_s,
             "refill_slots_per_s_per_round": refill_rates,
         },
+        "data_path_repetitions": reps,
         "tc_overhead_veth_path": overhead(&veth_with, &veth_without),
         "tc_overhead_tap_path_userspace_relay": overhead(&tap_with, &tap_without),
         "shutdown_s": shutdown_s,

@@ -13,7 +13,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -24,7 +26,7 @@ use aya::{
 use tracing::{debug, info};
 
 use crate::{
-    Ipv4Cidr, EgressPolicy,
+    EgressPolicy, Ipv4Cidr,
     contract::TAP_NAME,
     error::{NetError, Result},
     sys,
@@ -174,7 +176,9 @@ pub(crate) fn load(p: &LoadParams, pin_dir: &Path) -> Result<(Programs, Maps)> {
     let health_ip = be(p.health_ip);
     let dns_port: u16 = if p.gateway_dns { 53 } else { 0 };
     let slots = p.slots.max(1);
-    let policy_entries = slots.saturating_mul(2 * crate::policy::MAX_RULES as u32).min(1 << 20);
+    let policy_entries = slots
+        .saturating_mul(2 * crate::policy::MAX_RULES as u32)
+        .min(1 << 20);
     let exposed_entries = slots
         .saturating_mul(crate::policy::MAX_EXPOSED_PORTS as u32)
         .min(1 << 20);
@@ -212,13 +216,25 @@ pub(crate) fn load(p: &LoadParams, pin_dir: &Path) -> Result<(Programs, Maps)> {
     let mut services: BpfHashMap<MapData, ServiceKey, u8> = map(&mut ebpf, "services")?;
     for &(proto, port) in &p.services {
         services
-            .insert(ServiceKey { port, proto, pad: 0 }, 1, 0)
+            .insert(
+                ServiceKey {
+                    port,
+                    proto,
+                    pad: 0,
+                },
+                1,
+                0,
+            )
             .map_err(|e| NetError::bpf("filling the services map", &e))?;
     }
     let mut blocked: LpmTrie<MapData, [u8; 4], u8> = map(&mut ebpf, "blocked")?;
     for c in &p.blocked {
         blocked
-            .insert(&Key::new(u32::from(c.prefix_len()), c.addr().octets()), 1, 0)
+            .insert(
+                &Key::new(u32::from(c.prefix_len()), c.addr().octets()),
+                1,
+                0,
+            )
             .map_err(|e| NetError::bpf("filling the blocked-ranges map", &e))?;
     }
     let ncpus = aya::util::nr_cpus()
@@ -314,7 +330,9 @@ impl Programs {
         let result = (|| {
             let tap = {
                 let prog = program(&mut self.ebpf, "guest_ingress")?;
-                sys::in_netns(netns, || attach_one(prog, TAP_NAME, TcAttachType::Ingress, tcx))?
+                sys::in_netns(netns, || {
+                    attach_one(prog, TAP_NAME, TcAttachType::Ingress, tcx)
+                })?
             };
             links.0.push(self.keep(tap, idx, "tap")?);
             let out = attach_one(
@@ -448,7 +466,12 @@ impl Maps {
     pub fn unregister_slot(&mut self, idx: u32, ifindex: u32) -> Result<()> {
         match self.slot_by_ifindex.remove(&ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(NetError::bpf(format!("slot {idx}: removing slot_by_ifindex"), &e)),
+            Err(e) => {
+                return Err(NetError::bpf(
+                    format!("slot {idx}: removing slot_by_ifindex"),
+                    &e,
+                ));
+            }
         }
         self.cfg
             .set(idx, SlotCfg::default(), 0)
@@ -459,7 +482,12 @@ impl Maps {
     /// lists go in under the other generation, one write to `slot_cfg`
     /// switches to them, then the old ones are removed. Programs stay
     /// attached throughout.
-    pub fn apply_policy(&mut self, idx: u32, policy: &EgressPolicy, prev: &Applied) -> Result<Applied> {
+    pub fn apply_policy(
+        &mut self,
+        idx: u32,
+        policy: &EgressPolicy,
+        prev: &Applied,
+    ) -> Result<Applied> {
         let gen_bit = !prev.gen_bit;
         let (allow, deny) = policy.rules();
         let mut rules = Vec::with_capacity(allow.len() + deny.len());
@@ -541,14 +569,20 @@ impl Maps {
     fn remove_rule(&mut self, idx: u32, gen_bit: bool, c: &Ipv4Cidr) -> Result<()> {
         match self.policy.remove(&policy_key(idx, gen_bit, c)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(NetError::bpf(format!("slot {idx}: removing policy {c}"), &e)),
+            Err(e) => Err(NetError::bpf(
+                format!("slot {idx}: removing policy {c}"),
+                &e,
+            )),
         }
     }
 
     fn remove_port(&mut self, idx: u32, port: u16) -> Result<()> {
         match self.exposed.remove(&port_key(idx, port)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(NetError::bpf(format!("slot {idx}: unexposing port {port}"), &e)),
+            Err(e) => Err(NetError::bpf(
+                format!("slot {idx}: unexposing port {port}"),
+                &e,
+            )),
         }
     }
 

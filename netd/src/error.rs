@@ -35,7 +35,9 @@ pub enum NetError {
         "no free network slot: all {0} slots of the host subnet are in use (configure a larger host subnet)"
     )]
     Exhausted(usize),
-    #[error("network slot {0} is not claimed (unknown, already released, or from before a restart)")]
+    #[error(
+        "network slot {0} is not claimed (unknown, already released, or from before a restart)"
+    )]
     UnknownSlot(u32),
     #[error("{context}: {source}")]
     Io {

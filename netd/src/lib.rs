@@ -89,5 +89,5 @@ pub use config::{Egress, HostService, NetdConfig, Proto};
 pub use contract::GuestNetwork;
 pub use counters::{Counters, monotonic_now_ns};
 pub use error::{ErrorKind, NetError, Result};
-pub use netd::{Netd, SlotPool, SlotId, Slot};
-pub use policy::{BLOCKED_RANGES, MAX_EXPOSED_PORTS, MAX_RULES, EgressPolicy};
+pub use netd::{Netd, Slot, SlotId, SlotPool};
+pub use policy::{BLOCKED_RANGES, EgressPolicy, MAX_EXPOSED_PORTS, MAX_RULES};

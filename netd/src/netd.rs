@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
-    Egress, Counters, EgressPolicy, NetdConfig,
+    Counters, Egress, EgressPolicy, NetdConfig,
     bpf::{self, Applied, DROP_REASON_NAMES, Maps, Programs},
     contract::{self, GuestNetwork, TAP_NAME},
     error::{NetError, Result},
@@ -262,7 +262,9 @@ impl Netd {
             if c.is_within(&subnet) {
                 return Err(NetError::invalid(
                     "allow_out",
-                    format!("{c} is inside the sandbox network {subnet}, which sandboxes can never reach"),
+                    format!(
+                        "{c} is inside the sandbox network {subnet}, which sandboxes can never reach"
+                    ),
                 ));
             }
             if c.is_within(&loopback) {
@@ -293,7 +295,10 @@ impl Netd {
         let idx = match popped {
             Some(idx) => idx,
             None => {
-                warn!(owner, "netd: no ready slot; building one on the claim path (raise pool_size)");
+                warn!(
+                    owner,
+                    "netd: no ready slot; building one on the claim path (raise pool_size)"
+                );
                 inner.build_one()?
             }
         };
@@ -359,7 +364,7 @@ impl Netd {
     pub fn counters(&self, id: SlotId) -> Result<Counters> {
         {
             let st = lock(&self.inner.state)?;
-            if !st.slots.get(&id.0).is_some_and(|s| s.lease.is_some()) {
+            if st.slots.get(&id.0).is_none_or(|s| s.lease.is_none()) {
                 return Err(NetError::UnknownSlot(id.0));
             }
         }
@@ -387,7 +392,10 @@ impl Netd {
                 return Ok(false);
             }
             if tap::tap_attached(&inner.layout.netns_path(idx), TAP_NAME)? {
-                warn!(slot = idx, "netd: TAP still attached at release (VMM running?); destroying the slot");
+                warn!(
+                    slot = idx,
+                    "netd: TAP still attached at release (VMM running?); destroying the slot"
+                );
                 return Ok(false);
             }
             slot::flush_conntrack(&inner.layout, idx)?;
@@ -421,7 +429,12 @@ impl Netd {
             None => Ok(()),
         };
         inner.wake.notify_all();
-        debug!(slot = idx, reused = reuse, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3, "netd: slot released");
+        debug!(
+            slot = idx,
+            reused = reuse,
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "netd: slot released"
+        );
         result
     }
 
@@ -479,7 +492,12 @@ impl Netd {
     /// Connects to `port` of the sandbox in `lease` from the health-check
     /// address, so the connection does not count as activity. The port must
     /// be exposed.
-    pub fn health_check_connect(&self, lease: &Slot, port: u16, timeout: Duration) -> Result<TcpStream> {
+    pub fn health_check_connect(
+        &self,
+        lease: &Slot,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpStream> {
         crate::sys::connect_from(
             SocketAddrV4::new(self.health_check_addr(), 0),
             SocketAddrV4::new(lease.sandbox_addr, port),

@@ -8,13 +8,13 @@
 //! traffic (e.g. an `iptables -P FORWARD DROP`) must let the slot veths
 //! (`<prefix>-h*`) through.
 
+use crate::error::{NetError, Result};
 use crate::{
     Egress, NetdConfig,
     contract::{GATEWAY_IP, GUEST_IP, SLOT_VETH_NAME, TAP_NAME},
     layout::{Layout, SlotIndex},
     sys,
 };
-use crate::error::{NetError, Result};
 
 /// The host table. Besides the eBPF programs (which do the per-sandbox
 /// work), it is the stateful backstop:
@@ -121,7 +121,8 @@ pub(crate) fn delete_table(table: &str) -> Result<bool> {
     match sys::run("nft", &["delete", "table", "ip", table], None) {
         Ok(_) => Ok(true),
         Err(NetError::Command { detail, .. })
-            if detail.contains("No such file or directory") || detail.contains("does not exist") =>
+            if detail.contains("No such file or directory")
+                || detail.contains("does not exist") =>
         {
             Ok(false)
         }

@@ -117,7 +117,9 @@ impl EgressPolicy {
         if let Some(c) = self.deny_out.iter().find(|c| allow.contains(c)) {
             return Err(NetError::invalid(
                 "deny_out",
-                format!("{c} is also in allow_out; a destination cannot be both allowed and denied"),
+                format!(
+                    "{c} is also in allow_out; a destination cannot be both allowed and denied"
+                ),
             ));
         }
         if self.exposed_tcp_ports.contains(&0) {
@@ -157,9 +159,9 @@ fn parse_list<S: AsRef<str>>(field: &'static str, items: &[S]) -> Result<Vec<Ipv
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            s.as_ref()
-                .parse::<Ipv4Cidr>()
-                .map_err(|e| NetError::invalid(field, format!("entry {} ({:?}): {e}", i + 1, s.as_ref())))
+            s.as_ref().parse::<Ipv4Cidr>().map_err(|e| {
+                NetError::invalid(field, format!("entry {} ({:?}): {e}", i + 1, s.as_ref()))
+            })
         })
         .collect()
 }
@@ -180,12 +182,17 @@ mod tests {
 
     #[test]
     fn from_args_parses_and_validates() {
-        let p = EgressPolicy::from_args(true, &["10.0.0.0/8", "1.2.3.4"], &["10.1.0.0/16"]).unwrap();
+        let p =
+            EgressPolicy::from_args(true, &["10.0.0.0/8", "1.2.3.4"], &["10.1.0.0/16"]).unwrap();
         assert!(!p.internet);
         assert_eq!(p.allow_out.len(), 2);
         assert_eq!(p.allow_out[1].to_string(), "1.2.3.4/32");
         assert_eq!(p.deny_out[0].to_string(), "10.1.0.0/16");
-        assert!(EgressPolicy::from_args::<&str, &str>(false, &[], &[]).unwrap().internet);
+        assert!(
+            EgressPolicy::from_args::<&str, &str>(false, &[], &[])
+                .unwrap()
+                .internet
+        );
     }
 
     #[test]
@@ -211,7 +218,9 @@ mod tests {
 
     #[test]
     fn limits() {
-        let many: Vec<String> = (0..=MAX_RULES).map(|i| format!("1.{}.{}.0/24", i / 256, i % 256)).collect();
+        let many: Vec<String> = (0..=MAX_RULES)
+            .map(|i| format!("1.{}.{}.0/24", i / 256, i % 256))
+            .collect();
         let e = EgressPolicy::from_args::<_, &str>(false, &many, &[]).unwrap_err();
         assert_eq!(e.field(), Some("allow_out"));
         let p = EgressPolicy {

@@ -82,6 +82,9 @@ pub(crate) fn check(cfg: &NetdConfig) -> Result<()> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(NetError::Unsupported(format!("missing {}", missing.join("; "))))
+        Err(NetError::Unsupported(format!(
+            "missing {}",
+            missing.join("; ")
+        )))
     }
 }

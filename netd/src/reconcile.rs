@@ -55,7 +55,10 @@ pub(crate) fn teardown(cfg: &NetdConfig, layout: &Layout, what: &str) -> Result<
         Ok(links) => {
             for link in links {
                 let svc = layout.service_link();
-                if layout.parse_host_veth(&link).is_some() || link == svc || link == format!("{svc}p") {
+                if layout.parse_host_veth(&link).is_some()
+                    || link == svc
+                    || link == format!("{svc}p")
+                {
                     note(slot::delete_link(&link));
                     removed.push(link);
                 }
@@ -66,7 +69,10 @@ pub(crate) fn teardown(cfg: &NetdConfig, layout: &Layout, what: &str) -> Result<
     log_removed(&format!("{what} links"), &removed);
 
     match nft::delete_table(layout.nft_table()) {
-        Ok(true) => info!(table = layout.nft_table(), "netd: removed {what} nftables table"),
+        Ok(true) => info!(
+            table = layout.nft_table(),
+            "netd: removed {what} nftables table"
+        ),
         Ok(false) => {}
         Err(e) => note(Err(e)),
     }
@@ -182,7 +188,16 @@ pub(crate) fn host_setup(cfg: &NetdConfig, layout: &Layout) -> Result<()> {
     sys::run(
         "ip",
         &[
-            "link", "add", &svc, "mtu", &GUEST_MTU.to_string(), "type", "veth", "peer", "name", &peer,
+            "link",
+            "add",
+            &svc,
+            "mtu",
+            &GUEST_MTU.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
         ],
         None,
     )?;

@@ -18,7 +18,10 @@ use tracing::{debug, info};
 use crate::{
     NetdConfig,
     bpf::{Maps, Programs, SlotLinks},
-    contract::{GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_MTU, SLOT_VETH_NAME, TAP_NAME, mac_string},
+    contract::{
+        GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, GUEST_MTU, SLOT_VETH_NAME, TAP_NAME,
+        mac_string,
+    },
     error::{NetError, Result},
     layout::{Layout, SlotIndex},
     nft, sys,

@@ -241,7 +241,10 @@ pub(crate) fn connect_from(
         let e = std::io::Error::last_os_error();
         // A connect that times out reports EINPROGRESS.
         if e.raw_os_error() == Some(libc::EINPROGRESS) {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ));
         }
         return Err(e);
     }

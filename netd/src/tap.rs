@@ -34,7 +34,10 @@ fn ifreq(name: &str, flags: i16) -> Result<IfReq> {
         pad: [0; 22],
     };
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(NetError::invalid("interface", format!("{name:?} is not an interface name")));
+        return Err(NetError::invalid(
+            "interface",
+            format!("{name:?} is not an interface name"),
+        ));
     }
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     Ok(req)
@@ -92,7 +95,10 @@ pub(crate) fn tap_attached(netns: &Path, name: &str) -> Result<bool> {
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
-            return Err(NetError::io("socket for SIOCETHTOOL", std::io::Error::last_os_error()));
+            return Err(NetError::io(
+                "socket for SIOCETHTOOL",
+                std::io::Error::last_os_error(),
+            ));
         }
         // SAFETY: fd is a fresh socket we own.
         let sock: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };

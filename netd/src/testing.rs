@@ -51,7 +51,10 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Runs `f` on a thread inside the network namespace at `netns` (for
 /// example [`Slot::netns_path`]): sockets it opens live there.
-pub fn in_netns<T: Send>(netns: &std::path::Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub fn in_netns<T: Send>(
+    netns: &std::path::Path,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
     sys::in_netns(netns, f)
 }
 
@@ -104,13 +107,18 @@ impl Internet {
         sys::run(
             "ip",
             &["-batch", "-"],
-            Some(&format!("netns add {ns}\nlink add {up} type veth peer name eth0 netns {ns}\n")),
+            Some(&format!(
+                "netns add {ns}\nlink add {up} type veth peer name eth0 netns {ns}\n"
+            )),
         )?;
         sys::sysctl_write(&format!("net.ipv6.conf.{up}.disable_ipv6"), "1")?;
         sys::run(
             "ip",
             &["-batch", "-"],
-            Some(&format!("addr add {}/30 dev {up}\nlink set {up} up\n", self.host_addr)),
+            Some(&format!(
+                "addr add {}/30 dev {up}\nlink set {up} up\n",
+                self.host_addr
+            )),
         )?;
         let addr = self.addr;
         sys::in_netns(&netns_path(ns), || {
@@ -118,7 +126,9 @@ impl Internet {
             sys::run(
                 "ip",
                 &["-batch", "-"],
-                Some(&format!("link set lo up\naddr add {addr}/30 dev eth0\nlink set eth0 up\n")),
+                Some(&format!(
+                    "link set lo up\naddr add {addr}/30 dev eth0\nlink set eth0 up\n"
+                )),
             )
             .map(|_| ())
         })
@@ -175,7 +185,9 @@ pub struct GuestStandIn {
 
 impl std::fmt::Debug for GuestStandIn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestStandIn").field("netns", &self.netns).finish()
+        f.debug_struct("GuestStandIn")
+            .field("netns", &self.netns)
+            .finish()
     }
 }
 
@@ -233,8 +245,18 @@ impl GuestStandIn {
 
     /// A TCP connection from the guest, or the error (timeout when the
     /// packets are dropped).
-    pub fn connect(&self, to: SocketAddrV4, timeout: Duration) -> Result<std::io::Result<TcpStream>> {
-        self.run(|| Ok(sys::connect_from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), to, timeout)))
+    pub fn connect(
+        &self,
+        to: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<std::io::Result<TcpStream>> {
+        self.run(|| {
+            Ok(sys::connect_from(
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                to,
+                timeout,
+            ))
+        })
     }
 
     /// Whether a TCP connection from the guest to `to` completes and echoes
@@ -248,7 +270,9 @@ impl GuestStandIn {
 
     /// A UDP socket in the guest.
     pub fn udp(&self) -> Result<UdpSocket> {
-        self.run(|| UdpSocket::bind("0.0.0.0:0").map_err(|e| NetError::io("binding a guest UDP socket", e)))
+        self.run(|| {
+            UdpSocket::bind("0.0.0.0:0").map_err(|e| NetError::io("binding a guest UDP socket", e))
+        })
     }
 
     /// A TCP listener in the guest.
@@ -283,7 +307,10 @@ impl Drop for GuestStandIn {
 fn relay(from: &OwnedFd, to: &OwnedFd, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        let mut fds = [nix::poll::PollFd::new(from.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(
+            from.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u8)) {
             Ok(0) => continue,
             Ok(_) => {}
@@ -366,8 +393,12 @@ impl Drop for TcpServer {
 fn serve(listener: TcpListener, echo: bool, stop: &Arc<AtomicBool>) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
-        if !matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u8)), Ok(n) if n > 0) {
+        let mut fds = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if !matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u8)), Ok(n) if n > 0)
+        {
             continue;
         }
         let Ok((mut s, _)) = listener.accept() else {

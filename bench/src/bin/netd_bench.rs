@@ -35,7 +35,10 @@ use somna_netd::{
 type BoxError = Box<dyn std::error::Error>;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -114,8 +117,12 @@ fn measure_path(
 fn slot_connect(slot: &Slot) -> impl Fn(SocketAddrV4) -> Result<TcpStream, BoxError> + '_ {
     move |to| {
         let s = in_netns(&slot.netns_path, || {
-            TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))
-                .map_err(|e| somna_netd::NetError::Io { context: format!("connecting to {to}"), source: e })
+            TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)).map_err(|e| {
+                somna_netd::NetError::Io {
+                    context: format!("connecting to {to}"),
+                    source: e,
+                }
+            })
         })?;
         Ok(s)
     }
@@ -214,10 +221,34 @@ fn main() -> Result<(), BoxError> {
     let (mut veth_with, mut veth_without, mut tap_with, mut tap_without) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
-        veth_with.push(measure_path(&slot_connect(&with), echo.addr(), discard.addr(), rr_n, mib)?);
-        veth_without.push(measure_path(&slot_connect(&without), echo.addr(), discard.addr(), rr_n, mib)?);
-        tap_with.push(measure_path(&|to| via(&g_with, to), echo.addr(), discard.addr(), rr_n / 5, mib / 8)?);
-        tap_without.push(measure_path(&|to| via(&g_without, to), echo.addr(), discard.addr(), rr_n / 5, mib / 8)?);
+        veth_with.push(measure_path(
+            &slot_connect(&with),
+            echo.addr(),
+            discard.addr(),
+            rr_n,
+            mib,
+        )?);
+        veth_without.push(measure_path(
+            &slot_connect(&without),
+            echo.addr(),
+            discard.addr(),
+            rr_n,
+            mib,
+        )?);
+        tap_with.push(measure_path(
+            &|to| via(&g_with, to),
+            echo.addr(),
+            discard.addr(),
+            rr_n / 5,
+            mib / 8,
+        )?);
+        tap_without.push(measure_path(
+            &|to| via(&g_without, to),
+            echo.addr(),
+            discard.addr(),
+            rr_n / 5,
+            mib / 8,
+        )?);
     }
     drop((g_with, g_without));
     netd.release(with.id)?;

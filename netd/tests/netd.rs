@@ -800,3 +800,31 @@ fn the_pool_refills_after_claims() {
         w.netd.release(l.id).unwrap();
     }
 }
+
+#[test]
+fn a_full_subnet_is_resource_exhausted_until_a_release() {
+    require_root();
+    let inet = internet(11);
+    let cfg = NetdConfig {
+        host_subnet: "100.127.11.0/28".parse().unwrap(),
+        ..config(11, &inet, 1)
+    };
+    let netd = Netd::start(cfg).unwrap();
+    assert_eq!(netd.pool_status().capacity, 3);
+    // Beyond the pool, claims build their slot on the spot.
+    let leases: Vec<Slot> = (0..3)
+        .map(|i| {
+            netd.claim(&format!("sbx-{i}"), &EgressPolicy::default())
+                .unwrap()
+        })
+        .collect();
+    let err = netd
+        .claim("one-too-many", &EgressPolicy::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    netd.release(leases[1].id).unwrap();
+    let again = netd.claim("sbx-again", &EgressPolicy::default()).unwrap();
+    assert_eq!(again.id, leases[1].id);
+    drop(netd);
+    drop(inet);
+}

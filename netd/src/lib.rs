@@ -91,3 +91,4 @@ pub use counters::{Counters, monotonic_now_ns};
 pub use error::{ErrorKind, NetError, Result};
 pub use netd::{Netd, Slot, SlotId, SlotPool};
 pub use policy::{BLOCKED_RANGES, EgressPolicy, MAX_EXPOSED_PORTS, MAX_RULES};
+pub use tap::open_vmm_tap;

@@ -74,6 +74,17 @@ pub(crate) fn open_tap(netns: &Path, name: &str, vnet_hdr: bool) -> Result<Owned
     sys::in_netns(netns, || open_tap_here(name, vnet_hdr))
 }
 
+/// Opens an existing TAP for a VMM: `name` inside the network namespace at
+/// `netns` (a `/run/netns/NAME` path, e.g. [`crate::Slot::netns_path`]), or
+/// in the caller's own namespace when `None`. The fd is close-on-exec; with
+/// `vnet_hdr` frames carry a `virtio_net_hdr` (QEMU's virtio-net wants it).
+pub fn open_vmm_tap(netns: Option<&Path>, name: &str, vnet_hdr: bool) -> Result<OwnedFd> {
+    match netns {
+        Some(ns) => open_tap(ns, name, vnet_hdr),
+        None => open_tap_here(name, vnet_hdr),
+    }
+}
+
 /// Whether the TAP has carrier, i.e. a VMM (or anything) holds it open.
 /// Reads the carrier itself (ethtool `GLINK`), not the operational state,
 /// which the kernel updates up to a second late.

@@ -191,8 +191,7 @@ impl Netd {
             });
             let pool_t0 = Instant::now();
             for _ in 0..config.pool_size {
-                let idx = inner.build_one()?;
-                lock(&inner.state)?.ready.push_back(idx);
+                inner.build_one(true)?;
             }
             info!(
                 slots = config.pool_size,
@@ -299,7 +298,7 @@ impl Netd {
                     owner,
                     "netd: no ready slot; building one on the claim path (raise pool_size)"
                 );
-                inner.build_one()?
+                inner.build_or_wait()?
             }
         };
         let applied = {
@@ -589,8 +588,35 @@ impl Drop for Netd {
 }
 
 impl Inner {
-    /// Builds one slot at the lowest free index (not added to `ready`).
-    fn build_one(&self) -> Result<SlotIndex> {
+    /// A slot for a claim that found the pool empty: builds one, or, when
+    /// every free index is already being built (by the refill), waits for
+    /// one of those instead of failing.
+    fn build_or_wait(&self) -> Result<SlotIndex> {
+        let n = match self.build_one(false) {
+            Err(NetError::Exhausted(n)) => n,
+            other => return other,
+        };
+        let mut st = lock(&self.state)?;
+        loop {
+            if st.shut_down {
+                return Err(NetError::ShutDown);
+            }
+            if let Some(idx) = st.ready.pop_front() {
+                drop(st);
+                self.wake.notify_all();
+                return Ok(idx);
+            }
+            if st.building.is_empty() {
+                return Err(NetError::Exhausted(n));
+            }
+            st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Builds one slot at the lowest free index; `into_ready` queues it for
+    /// claims in the same critical section that ends its build (so a claim
+    /// waiting in `build_or_wait` never sees it neither building nor ready).
+    fn build_one(&self, into_ready: bool) -> Result<SlotIndex> {
         let idx = {
             let mut st = lock(&self.state)?;
             if st.shut_down {
@@ -605,6 +631,8 @@ impl Inner {
         let built = slot::build(&self.config, &self.layout, &self.programs, &self.maps, idx);
         let mut st = lock(&self.state)?;
         st.building.remove(&idx);
+        // Claims waiting in build_or_wait look again.
+        self.wake.notify_all();
         let built = built?;
         st.slots.insert(
             idx,
@@ -614,6 +642,9 @@ impl Inner {
                 tainted: false,
             },
         );
+        if into_ready {
+            st.ready.push_back(idx);
+        }
         Ok(idx)
     }
 }
@@ -636,10 +667,9 @@ fn refill_loop(inner: Arc<Inner>) {
                 st = inner.wake.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         }
-        match inner.build_one() {
-            Ok(idx) => {
+        match inner.build_one(true) {
+            Ok(_) => {
                 let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-                st.ready.push_back(idx);
                 st.refill_error = None;
                 drop(st);
                 inner.wake.notify_all();

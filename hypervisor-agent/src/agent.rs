@@ -48,6 +48,7 @@ pub struct Agent {
     pub(crate) templates: TemplateStore,
     pub(crate) template_state: std::sync::Mutex<crate::templates::TemplateState>,
     pub(crate) pools: WarmPools,
+    pub(crate) network: crate::network::HostNetwork,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
 }
 
@@ -108,6 +109,8 @@ impl Agent {
             );
         }
 
+        let network = crate::network::HostNetwork::start(config.network.clone()).await?;
+
         let channel = match config.channel {
             ChannelMode::Auto => QemuVmm::default_channel(),
             ChannelMode::Fixed(kind) => kind,
@@ -142,6 +145,7 @@ impl Agent {
             "console=ttyS0 quiet panic=-1",
             qemu.guest_kernel_args(),
             &accel::guest_kernel_args(accel.accelerator),
+            &network.guest_kernel_args(),
         ]
         .iter()
         .filter(|s| !s.is_empty())
@@ -179,6 +183,7 @@ impl Agent {
             templates,
             template_state: Default::default(),
             pools: WarmPools::new(&config.warm_pools),
+            network,
             sandboxes: RwLock::new(HashMap::new()),
             config,
         });
@@ -229,6 +234,7 @@ impl Agent {
     ) -> Result<SandboxInfo, AgentError> {
         let started = Instant::now();
         let shape = self.validate(&req)?;
+        self.network.validate(&req.network)?;
         let image = self.images.resolve(&req.image).await?;
         let root = self.images.root_disk(&image).await?;
 
@@ -358,6 +364,7 @@ impl Agent {
                 wake_count: 0,
                 vmm_pid: 0,
                 run_dir: dir.path().to_path_buf(),
+                network: None,
             }),
             root_disk_id: crate::templates::root_disk_id(root),
             _image_lease: self.images.lease(image),
@@ -368,6 +375,7 @@ impl Agent {
             lifecycle: tokio::sync::Mutex::new(()),
             epoch: tokio::sync::watch::channel(0).0,
             activity,
+            net: crate::network::SandboxNet::new(req.network.clone()),
             dir,
         })
     }
@@ -401,9 +409,15 @@ impl Agent {
             MemoryMode::Own,
         );
         self.write_map().insert(id.clone(), sandbox.clone());
+        let mut spec = sandbox.spec.clone();
+        if let Err(e) = sandbox.net.attach(&self.network, &id, &mut spec) {
+            self.write_map().remove(&id);
+            let _ = sandbox.dir.remove();
+            return Err(e);
+        }
         let deadline = started + self.config.boot_timeout;
         let (live, health) =
-            match launch::boot(self.vmm.as_ref(), &sandbox.spec, &sandbox.dir, deadline).await {
+            match launch::boot(self.vmm.as_ref(), &spec, &sandbox.dir, deadline).await {
                 Ok(ok) => ok,
                 Err(f) => return Err(self.fail_create(&sandbox, f)),
             };
@@ -451,6 +465,7 @@ impl Agent {
     pub(crate) fn fail_create(&self, sandbox: &Arc<Sandbox>, f: LaunchFailure) -> AgentError {
         let id = sandbox.info().id;
         self.write_map().remove(&id);
+        sandbox.net.release();
         if let Err(e) = sandbox.dir.remove() {
             warn!(error = %e, dir = %sandbox.dir.path().display(), "cannot remove run directory");
         }
@@ -514,12 +529,20 @@ impl Agent {
     }
 
     pub fn get(&self, id: &str) -> Result<SandboxInfo, AgentError> {
-        Ok(self.lookup(id)?.info())
+        let sandbox = self.lookup(id)?;
+        Ok(self.info_of(&sandbox))
+    }
+
+    /// A sandbox's record with its network counters.
+    fn info_of(&self, sandbox: &Sandbox) -> SandboxInfo {
+        let mut info = sandbox.info();
+        info.network = sandbox.net.counters(&self.network);
+        info
     }
 
     /// All sandboxes on this host, oldest first.
     pub fn list(&self) -> Vec<SandboxInfo> {
-        let mut all: Vec<SandboxInfo> = self.read_map().values().map(|s| s.info()).collect();
+        let mut all: Vec<SandboxInfo> = self.read_map().values().map(|s| self.info_of(s)).collect();
         all.sort_by_key(|i| i.created_at);
         all
     }
@@ -539,6 +562,7 @@ impl Agent {
             }
             None => "not running".to_string(),
         };
+        sandbox.net.release();
         sandbox.dir.remove().map_err(AgentError::io(format!(
             "remove run directory {}",
             sandbox.dir.path().display()
@@ -560,6 +584,7 @@ impl Agent {
         // Whatever else still runs under vms/ (a template being built) goes
         // the way crash recovery would take it.
         crate::recovery::reap_leftovers(&self.config.vms_dir()).await;
+        self.network.shutdown().await;
     }
 
     /// This host's state for listings.
@@ -604,7 +629,8 @@ impl Agent {
 
 /// Ids become directory names and kernel parameters: keep them plain.
 fn validate_id(id: &str) -> Result<(), AgentError> {
-    let ok = (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let ok =
+        (4..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if ok {
         Ok(())
     } else {

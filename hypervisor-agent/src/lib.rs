@@ -19,6 +19,7 @@ pub mod guest;
 pub mod images;
 mod launch;
 mod lifecycle;
+mod network;
 mod pool;
 pub mod process;
 pub mod recovery;
@@ -33,4 +34,5 @@ pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, WarmPo
 pub use error::AgentError;
 pub use images::PulledImage;
 pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState, StartMode};
+pub use somna_netd::{Counters as NetworkCounters, EgressPolicy, NetdConfig};
 pub use vmm::{Accelerator, ChannelKind};

@@ -25,9 +25,7 @@ pub struct AgentCmdArgs {
 
 pub async fn run(args: AgentCmdArgs, json: bool) -> anyhow::Result<()> {
     init_tracing();
-    let agent = Agent::start(args.agent.config())
-        .await
-        .context("starting the host agent")?;
+    let agent = Agent::start(args.agent.config()).await.context("starting the host agent")?;
     if json {
         println!(
             "{}",
@@ -41,14 +39,8 @@ pub async fn run(args: AgentCmdArgs, json: bool) -> anyhow::Result<()> {
         println!("Somna agent {} joining {}", agent.host_id(), args.join);
     }
     let host: Arc<dyn somna_controlplane::Host> = Arc::new(LocalHost::new(agent.clone()));
-    somna_controlplane::tunnel::run_agent(
-        args.join,
-        agent.host_id().to_string(),
-        args.token,
-        host,
-        shutdown_signal(),
-    )
-    .await;
+    somna_controlplane::tunnel::run_agent(args.join, agent.host_id().to_string(), args.token, host, shutdown_signal())
+        .await;
     tracing::info!("shutting down: destroying sandboxes");
     agent.destroy_all().await;
     Ok(())

@@ -118,6 +118,16 @@ impl HostNetwork {
     }
 }
 
+impl crate::agent::Agent {
+    /// Changes a sandbox's network policy; live (BPF map writes, no
+    /// reattach) when its VM runs, else from its next wake. Not yet
+    /// relayed by the API (see the issue 5 note).
+    pub fn update_network(&self, id: &str, policy: EgressPolicy) -> Result<(), AgentError> {
+        self.network.validate(&policy)?;
+        self.lookup(id)?.net.set_policy(policy)
+    }
+}
+
 /// A claimed slot; dropping it releases the slot (on a blocking thread,
 /// since the reset runs commands). Drop it only once the VMM has exited:
 /// netd destroys, rather than reuses, a slot whose TAP is still open.

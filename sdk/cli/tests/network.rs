@@ -131,7 +131,10 @@ async fn internet_on_reaches_outside_and_internet_off_does_not() {
         Ok(_) => panic!("a CIDR in both lists was accepted"),
         Err(e) => e,
     };
-    assert!(err.to_string().contains("deny_out") || err.to_string().contains("allow_out"), "{err}");
+    assert!(
+        err.to_string().contains("deny_out") || err.to_string().contains("allow_out"),
+        "{err}"
+    );
     on.destroy().await.unwrap();
     off.destroy().await.unwrap();
 }

@@ -48,6 +48,7 @@ pub struct Agent {
     pub(crate) templates: TemplateStore,
     pub(crate) template_state: std::sync::Mutex<crate::templates::TemplateState>,
     pub(crate) pools: WarmPools,
+    pub(crate) network: crate::network::HostNetwork,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
 }
 
@@ -111,6 +112,8 @@ impl Agent {
             );
         }
 
+        let network = crate::network::HostNetwork::start(config.network.clone()).await?;
+
         let (vmm, version, accel): (Arc<dyn Vmm>, String, AccelChoice) = match &config.vmm {
             // Cloud Hypervisor driver (issue 9): see driver.rs.
             VmmKind::CloudHypervisor { binary } => {
@@ -161,6 +164,7 @@ impl Agent {
             "console=ttyS0 quiet panic=-1",
             vmm.guest_kernel_args(),
             &accel::guest_kernel_args(accel.accelerator),
+            &network.guest_kernel_args(),
         ]
         .iter()
         .filter(|s| !s.is_empty())
@@ -198,6 +202,7 @@ impl Agent {
             templates,
             template_state: Default::default(),
             pools: WarmPools::new(&config.warm_pools),
+            network,
             sandboxes: RwLock::new(HashMap::new()),
             config,
         });
@@ -254,6 +259,7 @@ impl Agent {
     ) -> Result<SandboxInfo, AgentError> {
         let started = Instant::now();
         let shape = self.validate(&req)?;
+        self.network.validate(&req.network)?;
         let image = self.images.resolve(&req.image).await?;
         let root = self.images.root_disk(&image).await?;
 
@@ -383,6 +389,7 @@ impl Agent {
                 wake_count: 0,
                 vmm_pid: 0,
                 run_dir: dir.path().to_path_buf(),
+                network: None,
             }),
             root_disk_id: crate::templates::root_disk_id(root),
             _image_lease: self.images.lease(image),
@@ -393,6 +400,7 @@ impl Agent {
             lifecycle: tokio::sync::Mutex::new(()),
             epoch: tokio::sync::watch::channel(0).0,
             activity,
+            net: crate::network::SandboxNet::new(req.network.clone()),
             dir,
         })
     }
@@ -426,9 +434,15 @@ impl Agent {
             MemoryMode::Own,
         );
         self.write_map().insert(id.clone(), sandbox.clone());
+        let mut spec = sandbox.spec.clone();
+        if let Err(e) = sandbox.net.attach(&self.network, &id, &mut spec) {
+            self.write_map().remove(&id);
+            let _ = sandbox.dir.remove();
+            return Err(e);
+        }
         let deadline = started + self.config.boot_timeout;
         let (live, health) =
-            match launch::boot(self.vmm.as_ref(), &sandbox.spec, &sandbox.dir, deadline).await {
+            match launch::boot(self.vmm.as_ref(), &spec, &sandbox.dir, deadline).await {
                 Ok(ok) => ok,
                 Err(f) => return Err(self.fail_create(&sandbox, f)),
             };
@@ -476,6 +490,7 @@ impl Agent {
     pub(crate) fn fail_create(&self, sandbox: &Arc<Sandbox>, f: LaunchFailure) -> AgentError {
         let id = sandbox.info().id;
         self.write_map().remove(&id);
+        sandbox.net.release();
         if let Err(e) = sandbox.dir.remove() {
             warn!(error = %e, dir = %sandbox.dir.path().display(), "cannot remove run directory");
         }
@@ -539,12 +554,20 @@ impl Agent {
     }
 
     pub fn get(&self, id: &str) -> Result<SandboxInfo, AgentError> {
-        Ok(self.lookup(id)?.info())
+        let sandbox = self.lookup(id)?;
+        Ok(self.info_of(&sandbox))
+    }
+
+    /// A sandbox's record with its network counters.
+    fn info_of(&self, sandbox: &Sandbox) -> SandboxInfo {
+        let mut info = sandbox.info();
+        info.network = sandbox.net.counters(&self.network);
+        info
     }
 
     /// All sandboxes on this host, oldest first.
     pub fn list(&self) -> Vec<SandboxInfo> {
-        let mut all: Vec<SandboxInfo> = self.read_map().values().map(|s| s.info()).collect();
+        let mut all: Vec<SandboxInfo> = self.read_map().values().map(|s| self.info_of(s)).collect();
         all.sort_by_key(|i| i.created_at);
         all
     }
@@ -564,6 +587,7 @@ impl Agent {
             }
             None => "not running".to_string(),
         };
+        sandbox.net.release();
         sandbox.dir.remove().map_err(AgentError::io(format!(
             "remove run directory {}",
             sandbox.dir.path().display()
@@ -585,6 +609,7 @@ impl Agent {
         // Whatever else still runs under vms/ (a template being built) goes
         // the way crash recovery would take it.
         crate::recovery::reap_leftovers(&self.config.vms_dir()).await;
+        self.network.shutdown().await;
     }
 
     /// This host's state for listings.

@@ -113,6 +113,9 @@ pub struct AgentConfig {
     pub verify_snapshots: bool,
     /// Registries, cache budget, size limits and root disk format.
     pub images: somna_images::ImageStoreOptions,
+    /// Sandbox networking (network slots, eBPF policy); None: VMs get no
+    /// network device (hosts without eBPF).
+    pub network: Option<somna_netd::NetdConfig>,
 }
 
 /// A warm pool: `size` VMs of `image` kept restored and paused.
@@ -165,6 +168,7 @@ impl AgentConfig {
             warm_pools: Vec::new(),
             verify_snapshots: true,
             images: somna_images::ImageStoreOptions::default(),
+            network: None,
         }
     }
 

@@ -43,6 +43,9 @@ pub enum AgentError {
     /// What was asked for is not ready on this host (e.g. no warm-pool VM).
     #[error("{0}")]
     NotReady(String),
+    /// Sandbox networking (netd), with the status its kind maps onto.
+    #[error("{0}")]
+    Network(String, somna_netd::ErrorKind),
     /// An error status from the guest agent, passed on unchanged.
     #[error("{}", .0.message())]
     Guest(Status),
@@ -68,6 +71,7 @@ impl AgentError {
             AgentError::Accel(_) => Code::FailedPrecondition,
             AgentError::Snapshot(_) => Code::DataLoss,
             AgentError::NotReady(_) => Code::FailedPrecondition,
+            AgentError::Network(_, kind) => crate::network::code(*kind),
             AgentError::Guest(s) => return s.clone(),
         };
         Status::new(code, self.to_string())

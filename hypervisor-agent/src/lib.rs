@@ -21,6 +21,7 @@ pub mod guest;
 pub mod images;
 mod launch;
 mod lifecycle;
+mod network;
 mod pool;
 pub mod process;
 pub mod recovery;
@@ -35,4 +36,5 @@ pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, VmmKin
 pub use error::AgentError;
 pub use images::PulledImage;
 pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState, StartMode};
+pub use somna_netd::{Counters as NetworkCounters, EgressPolicy, NetdConfig};
 pub use vmm::{Accelerator, ChannelKind};

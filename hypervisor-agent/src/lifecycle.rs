@@ -82,6 +82,7 @@ impl Agent {
         }
         let mark = Instant::now();
         live.vm.stop(VMM_STOP_GRACE).await;
+        sandbox.net.release();
         t.stop_ms = mark.elapsed().as_millis() as u64;
 
         let mark = Instant::now();
@@ -199,11 +200,14 @@ impl Agent {
         };
         let mut spec = sandbox.spec.clone();
         spec.memory = memory;
+        // Any slot will do: the guest side of every slot is the same.
+        sandbox.net.attach(&self.network, &info.id, &mut spec)?;
         let live = match launch::restore(self.vmm.as_ref(), &spec, dir, &incoming).await {
             Ok(live) => live,
             // Nothing ran: the snapshot is untouched and the sandbox still
             // sleeps; the caller may try again.
             Err(f) => {
+                sandbox.net.release();
                 return Err(AgentError::Vmm {
                     id: info.id.clone(),
                     source: crate::vmm::VmmError::Failed {
@@ -288,6 +292,7 @@ impl Agent {
     pub(crate) fn fail_sandbox(&self, sandbox: &Arc<Sandbox>, reason: String) -> AgentError {
         let id = sandbox.info().id;
         warn!(%id, %reason, "sandbox failed");
+        sandbox.net.release();
         sandbox.update(|i| {
             i.state = SandboxState::Failed;
             i.failure = Some(reason.clone());
@@ -325,6 +330,7 @@ pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
     }
     sandbox.set_live(None);
     sandbox.bump_epoch();
+    sandbox.net.release();
     let console = sandbox.dir.console_tail(30);
     let failure =
         format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}");

@@ -22,6 +22,8 @@ pub(crate) struct PooledVm {
     pub dir: VmDir,
     pub live: LiveVm,
     pub root: RootDisk,
+    /// Its network slot (dropped after the VM: field order).
+    pub net: Option<crate::network::SlotLease>,
 }
 
 struct Pool {
@@ -161,12 +163,13 @@ async fn fill_once(agent: &Arc<Agent>, index: usize) -> Result<(), AgentError> {
     while agent.pools.ready_count(index) < spec.size as usize {
         let id = new_sandbox_id();
         let started = Instant::now();
-        let (dir, live) = agent.clone_paused(&id, &template, &root, shape).await?;
+        let (dir, live, net) = agent.clone_paused(&id, &template, &root, shape).await?;
         info!(image = %spec.image, %id, restore_ms = started.elapsed().as_millis() as u64, "warm-pool VM ready");
         lock(&agent.pools.pools)[index].ready.push_back(PooledVm {
             dir,
             live,
             root: root.clone(),
+            net,
         });
     }
     Ok(())
@@ -185,11 +188,43 @@ impl Agent {
     ) -> Result<SandboxInfo, AgentError> {
         // The VM keeps the run directory it was pooled with; the sandbox
         // takes the requested id, which the guest learns on wake.
-        let PooledVm { dir, live, root } = pooled;
-        let sandbox = self.new_sandbox(id, req, image, &root, shape, dir, StartMode::WarmPool, MemoryMode::TemplateCow);
+        let PooledVm {
+            dir,
+            live,
+            root,
+            net,
+        } = pooled;
+        let sandbox = self.new_sandbox(
+            id,
+            req,
+            image,
+            &root,
+            shape,
+            dir,
+            StartMode::WarmPool,
+            MemoryMode::TemplateCow,
+        );
         self.insert(sandbox.clone());
+        if let Err(e) = sandbox.net.adopt(net) {
+            live.vm.kill().await;
+            let _ = self.fail_create(
+                &sandbox,
+                launch::LaunchFailure {
+                    reason: e.to_string(),
+                    console: String::new(),
+                },
+            );
+            return Err(e);
+        }
         let deadline = Instant::now() + self.config.boot_timeout;
-        match launch::resume_and_wake(&live, &sandbox.dir, Some(launch::identity_for(id)), deadline).await {
+        match launch::resume_and_wake(
+            &live,
+            &sandbox.dir,
+            Some(launch::identity_for(id)),
+            deadline,
+        )
+        .await
+        {
             Ok(_) => Ok(self.mark_running(&sandbox, live, started)),
             Err(f) => Err(self.fail_create(&sandbox, f)),
         }

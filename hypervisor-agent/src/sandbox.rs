@@ -71,6 +71,8 @@ pub struct SandboxRequest {
     /// Sleep after this long without exec or file activity.
     pub idle_timeout: Option<Duration>,
     pub start_mode: StartMode,
+    /// Network policy (applies when the host has networking on).
+    pub network: somna_netd::EgressPolicy,
 }
 
 /// A snapshot of a sandbox's record.
@@ -100,6 +102,9 @@ pub struct SandboxInfo {
     pub vmm_pid: u32,
     /// The run directory on the host.
     pub run_dir: std::path::PathBuf,
+    /// Traffic counters (None when the host has networking off); filled by
+    /// `Agent::get` and `Agent::list`.
+    pub network: Option<somna_netd::Counters>,
 }
 
 /// Where a sandbox's guest RAM lives while it runs.
@@ -188,6 +193,8 @@ pub(crate) struct Sandbox {
     /// VM end with a clear error instead of a broken connection.
     pub(crate) epoch: tokio::sync::watch::Sender<u64>,
     pub(crate) activity: Arc<Activity>,
+    /// Policy and network slot (held while the VMM runs).
+    pub(crate) net: crate::network::SandboxNet,
 }
 
 impl Sandbox {

@@ -15,6 +15,7 @@ use crate::agent::{Agent, Shape, TemplateInfo, VMM_STOP_GRACE};
 use crate::config::GuestArtifacts;
 use crate::error::AgentError;
 use crate::launch::{self, LaunchFailure};
+use crate::network::SlotLease;
 use crate::rundir::VmDir;
 use crate::sandbox::{LiveVm, MemoryMode, SandboxInfo, SandboxRequest, StartMode};
 use crate::vmm::{Accelerator, Incoming, MemoryBacking};
@@ -206,6 +207,12 @@ impl Agent {
                 shared: true,
             },
         );
+        let mut spec = spec;
+        // Held until the VMM is gone (end of scope); the template's guest
+        // needs no traffic.
+        let _slot = self
+            .network
+            .attach(id, &crate::network::template_policy(), &mut spec)?;
         let deadline = Instant::now() + self.config.boot_timeout;
         let (live, _) = launch::boot(self.vmm.as_ref(), &spec, &dir, deadline)
             .await
@@ -250,7 +257,7 @@ impl Agent {
         template: &Template,
         root: &RootDisk,
         shape: Shape,
-    ) -> Result<(VmDir, LiveVm), AgentError> {
+    ) -> Result<(VmDir, LiveVm, Option<SlotLease>), AgentError> {
         self.clone_vm(id, template, root, shape, false).await
     }
 
@@ -263,7 +270,7 @@ impl Agent {
         root: &RootDisk,
         shape: Shape,
         resume: bool,
-    ) -> Result<(VmDir, LiveVm), AgentError> {
+    ) -> Result<(VmDir, LiveVm, Option<SlotLease>), AgentError> {
         let dir = VmDir::create(&self.config.vms_dir(), id)
             .map_err(AgentError::io(format!("create run directory for {id}")))?;
         if let Err(e) =
@@ -297,10 +304,23 @@ impl Agent {
             memory_in_file,
             resume,
         };
+        let mut spec = spec;
+        // Paused clones get no traffic; the sandbox's policy is applied
+        // when it takes the VM (`SandboxNet::adopt`).
+        let slot = match self
+            .network
+            .attach(id, &crate::network::template_policy(), &mut spec)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = dir.remove();
+                return Err(e);
+            }
+        };
         match launch::restore(self.vmm.as_ref(), &spec, &dir, &incoming).await {
             Ok(live) => {
                 *self.state().clones.entry(template.key.clone()).or_default() += 1;
-                Ok((dir, live))
+                Ok((dir, live, slot))
             }
             Err(f) => {
                 let _ = dir.remove();
@@ -321,7 +341,7 @@ impl Agent {
         template: &Template,
         started: Instant,
     ) -> Result<SandboxInfo, AgentError> {
-        let (dir, live) = self.clone_vm(&id, template, root, shape, true).await?;
+        let (dir, live, slot) = self.clone_vm(&id, template, root, shape, true).await?;
         let sandbox = self.new_sandbox(
             &id,
             req,
@@ -333,6 +353,17 @@ impl Agent {
             MemoryMode::TemplateCow,
         );
         self.insert(sandbox.clone());
+        if let Err(e) = sandbox.net.adopt(slot) {
+            live.vm.kill().await;
+            let _ = self.fail_create(
+                &sandbox,
+                LaunchFailure {
+                    reason: e.to_string(),
+                    console: String::new(),
+                },
+            );
+            return Err(e);
+        }
         let deadline = Instant::now() + self.config.boot_timeout;
         match launch::wake_restored(
             &live,

@@ -176,6 +176,15 @@ impl QemuVmm {
                 );
             }
         }
+        if let Some(net) = &spec.net {
+            // The TAP is opened by the agent (inside the slot's network
+            // namespace) and inherited as TAP_FD: QEMU itself stays in the
+            // host namespace and needs no privileges to reach the TAP.
+            a.push("-netdev".into());
+            a.push(format!("tap,id=net0,fd={TAP_FD},vhost=off").into());
+            a.push("-device".into());
+            a.push(format!("virtio-net-device,netdev=net0,mac={}", escape_opt(&net.mac)).into());
+        }
         a.push("-device".into());
         a.push("virtio-rng-device".into());
         a.push("-qmp".into());
@@ -192,6 +201,30 @@ impl QemuVmm {
         }
         a
     }
+}
+
+/// The fd number under which QEMU inherits the VM's TAP (see `args`).
+const TAP_FD: i32 = 3;
+
+/// Opens the TAP of `spec.net` (with a `virtio_net_hdr`, which QEMU's
+/// virtio-net uses for offloads).
+async fn open_tap(spec: &VmSpec) -> Result<Option<std::os::fd::OwnedFd>, VmmError> {
+    let Some(net) = spec.net.clone() else {
+        return Ok(None);
+    };
+    let what = format!("opening TAP {} for {}", net.tap, spec.id);
+    let opened = tokio::task::spawn_blocking(move || {
+        somna_netd::open_vmm_tap(net.netns.as_deref(), &net.tap, true)
+    })
+    .await
+    .map_err(|e| VmmError::Failed {
+        id: spec.id.clone(),
+        what: format!("{what}: {e}"),
+    })?;
+    opened.map(Some).map_err(|e| VmmError::Failed {
+        id: spec.id.clone(),
+        what: format!("{what}: {e}"),
+    })
 }
 
 /// QEMU option values separate with ','; a literal comma is written ",,".
@@ -226,20 +259,41 @@ impl Vmm for QemuVmm {
         };
         let log = std::fs::File::create(dir.vmm_log()).map_err(io("create VMM log"))?;
         let log2 = log.try_clone().map_err(io("clone VMM log fd"))?;
-        let mut child = tokio::process::Command::new(&self.binary)
-            .args(self.args(spec, dir, incoming.is_some()))
+        let tap = open_tap(spec).await?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.args(spec, dir, incoming.is_some()))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Own process group: a Ctrl-C meant for `somna up` must not reach
             // the VMs directly; the agent decides how they end.
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|source| VmmError::Spawn {
-                binary: self.binary.display().to_string(),
-                source,
-            })?;
+            .kill_on_drop(false);
+        if let Some(tap) = &tap {
+            use std::os::fd::AsRawFd;
+            let raw = tap.as_raw_fd();
+            // SAFETY: between fork and exec only async-signal-safe calls:
+            // dup2 and fcntl. The fd stays open in the parent until spawn
+            // returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if raw != TAP_FD && libc::dup2(raw, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // dup2 onto itself keeps close-on-exec: clear it.
+                    if libc::fcntl(TAP_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary.display().to_string(),
+            source,
+        })?;
+        // QEMU holds its own copy now.
+        drop(tap);
         let pid = child.id().unwrap_or(0);
         dir.write_pid(pid).map_err(io("write pid file"))?;
         let (tx, rx) = watch::channel(None);
@@ -520,6 +574,110 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    #[test]
+    fn network_device_uses_the_inherited_tap() {
+        let dir = VmDir::open("/run/somna/vms/sbx-test".into());
+        let vmm = QemuVmm::new("qemu-system-x86_64".into(), ChannelKind::Serial);
+        let mut s = spec(ChannelKind::Serial, Accelerator::Tcg);
+        assert!(!joined(&vmm.args(&s, &dir, false)).contains("-netdev"));
+        s.net = Some(crate::vmm::NetSpec {
+            tap: "somna-tap".into(),
+            netns: Some("/run/netns/somna-s1".into()),
+            mac: "02:73:6d:00:00:02".into(),
+        });
+        let args = joined(&vmm.args(&s, &dir, true));
+        assert!(
+            args.contains("-netdev tap,id=net0,fd=3,vhost=off"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-device virtio-net-device,netdev=net0,mac=02:73:6d:00:00:02"),
+            "{args}"
+        );
+    }
+
+    /// The driver hands the TAP, opened inside its network namespace, to
+    /// the VMM as fd 3. A stand-in VMM (a shell script) reports what its fd
+    /// 3 is; the TAP has carrier exactly while the VMM holds it.
+    #[tokio::test]
+    async fn the_vmm_inherits_the_tap_from_its_namespace() {
+        use std::process::Command;
+        use std::time::Instant;
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test creates a network namespace: run it as root"
+        );
+        struct Netns(&'static str);
+        impl Drop for Netns {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", self.0]).status();
+            }
+        }
+        let ns = "somnaqtap";
+        let ip = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().unwrap().success();
+            assert!(ok, "ip {args:?}");
+        };
+        drop(Netns(ns)); // a leftover of an earlier, killed run
+        ip(&["netns", "add", ns]);
+        let _netns = Netns(ns);
+        ip(&["-n", ns, "tuntap", "add", "dev", "somna-tap", "mode", "tap"]);
+        ip(&["-n", ns, "link", "set", "somna-tap", "up"]);
+        let carrier = || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "cat",
+                    "/sys/class/net/somna-tap/carrier",
+                ])
+                .output()
+                .unwrap()
+                .stdout
+                == b"1\n"
+        };
+        async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cond() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert!(!carrier(), "nothing holds the TAP yet");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let report = tmp.path().join("fd3");
+        let fake = tmp.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nreadlink /proc/self/fd/3 > {0}.tmp && mv {0}.tmp {0}\nexec sleep 60\n",
+                report.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = VmDir::create(tmp.path(), "sbx-tap").unwrap();
+        let vmm = QemuVmm::new(fake, ChannelKind::Serial);
+        let mut s = spec(ChannelKind::Serial, Accelerator::Tcg);
+        s.net = Some(crate::vmm::NetSpec {
+            tap: "somna-tap".into(),
+            netns: Some(format!("/run/netns/{ns}").into()),
+            mac: "02:73:6d:00:00:02".into(),
+        });
+        let vm = vmm.launch(&s, &dir, None).await.unwrap();
+        wait_for("the stand-in VMM's report", || report.exists()).await;
+        assert_eq!(
+            std::fs::read_to_string(&report).unwrap().trim(),
+            "/dev/net/tun"
+        );
+        assert!(carrier(), "the VMM holds the TAP");
+        vm.kill().await;
+        wait_for("the TAP to lose carrier", || !carrier()).await;
     }
 
     #[test]

@@ -18,6 +18,18 @@ pub struct Cmdline {
     pub probe: bool,
     /// A tracing filter, e.g. `debug` (default `info`).
     pub log: String,
+    /// eth0's configuration (`somna.ip=A.B.C.D/N somna.gw=A.B.C.D
+    /// somna.mtu=N`), when the VM has a network device.
+    pub net: Option<NetConfig>,
+}
+
+/// eth0 as the host's network slot expects it (the same on every slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    pub ip: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub mtu: u16,
 }
 
 /// Errors that make the command line unusable (the agent powers off on them,
@@ -26,6 +38,8 @@ pub struct Cmdline {
 pub enum CmdlineError {
     #[error("unknown somna.channel={0:?}; use \"serial\" or \"vsock\"")]
     UnknownChannel(String),
+    #[error("bad {0}={1:?}: expected {2}")]
+    BadNet(&'static str, String, &'static str),
 }
 
 impl Cmdline {
@@ -37,6 +51,10 @@ impl Cmdline {
         let mut channel = ChannelKind::Serial;
         let mut probe = false;
         let mut log = "info".to_string();
+        let (mut ip, mut gateway, mut mtu) = (None, None, 1500u16);
+        let bad = |k: &'static str, v: &str, what: &'static str| {
+            CmdlineError::BadNet(k, v.to_string(), what)
+        };
         for word in split_words(text) {
             let (key, value) = match word.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
@@ -56,16 +74,39 @@ impl Cmdline {
                     probe = matches!(v, None | Some("1") | Some("true") | Some("yes"))
                 }
                 ("somna.log", Some(v)) if !v.is_empty() => log = v.to_string(),
+                ("somna.ip", Some(v)) => {
+                    let parsed = v.split_once('/').and_then(|(a, n)| {
+                        Some((a.parse().ok()?, n.parse::<u8>().ok().filter(|n| *n <= 32)?))
+                    });
+                    ip = Some(parsed.ok_or_else(|| bad("somna.ip", v, "A.B.C.D/N"))?);
+                }
+                ("somna.gw", Some(v)) => {
+                    gateway = Some(v.parse().map_err(|_| bad("somna.gw", v, "A.B.C.D"))?)
+                }
+                ("somna.mtu", Some(v)) => {
+                    mtu = v.parse().map_err(|_| bad("somna.mtu", v, "a number"))?
+                }
                 _ => {}
             }
         }
         let hostname = hostname.unwrap_or_else(|| id.clone());
+        let net = match (ip, gateway) {
+            (Some((ip, prefix_len)), Some(gateway)) => Some(NetConfig {
+                ip,
+                prefix_len,
+                gateway,
+                mtu,
+            }),
+            (None, None) => None,
+            _ => return Err(bad("somna.ip", "", "somna.ip and somna.gw together")),
+        };
         Ok(Cmdline {
             id,
             hostname,
             channel,
             probe,
             log,
+            net,
         })
     }
 }
@@ -116,8 +157,30 @@ mod tests {
                 channel: ChannelKind::Serial,
                 probe: false,
                 log: "info".into(),
+                net: None,
             }
         );
+    }
+
+    #[test]
+    fn network_words() {
+        let c =
+            Cmdline::parse("somna.id=a somna.ip=172.16.0.2/30 somna.gw=172.16.0.1 somna.mtu=1400")
+                .unwrap();
+        assert_eq!(
+            c.net,
+            Some(NetConfig {
+                ip: "172.16.0.2".parse().unwrap(),
+                prefix_len: 30,
+                gateway: "172.16.0.1".parse().unwrap(),
+                mtu: 1400,
+            })
+        );
+        assert!(matches!(
+            Cmdline::parse("somna.ip=172.16.0.2/33 somna.gw=172.16.0.1"),
+            Err(CmdlineError::BadNet("somna.ip", ..))
+        ));
+        assert!(Cmdline::parse("somna.ip=172.16.0.2/30").is_err());
     }
 
     #[test]

@@ -106,6 +106,13 @@ fn boot() -> Result<(), String> {
         // Not fatal: processes just cannot use 127.0.0.1.
         tracing::warn!("bringing up the loopback interface failed: {e}");
     }
+    if let Some(config) = &cmdline.net {
+        // Not fatal: the sandbox still runs, without a network.
+        match net::configure(net::GUEST_NIC, config, DEVICE_TIMEOUT) {
+            Ok(()) => tracing::info!("{} is {}/{}", net::GUEST_NIC, config.ip, config.prefix_len),
+            Err(e) => tracing::warn!("configuring {} failed: {e}", net::GUEST_NIC),
+        }
+    }
     raise_fd_limit();
 
     let threads = std::thread::available_parallelism()

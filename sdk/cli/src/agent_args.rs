@@ -59,6 +59,26 @@ pub struct AgentArgs {
     /// images that no sandbox uses are removed).
     #[arg(long)]
     image_cache_mib: Option<u64>,
+    /// Give sandboxes networking: isolated network slots with eBPF-enforced
+    /// policy (needs root and an eBPF-capable kernel; start-up fails
+    /// without them). Off by default: sandboxes have no network device.
+    #[arg(long, env = "SOMNA_NETWORK")]
+    network: bool,
+    /// Network slots kept ready for instant creates (with --network).
+    #[arg(long, default_value_t = 8, requires = "network")]
+    network_pool: usize,
+    /// Prefix of every network object the agent creates (namespaces,
+    /// links, the nftables table); two agents on one host need different
+    /// prefixes and host subnets (with --network).
+    #[arg(long, requires = "network")]
+    network_prefix: Option<String>,
+    /// Host-side subnet of the network slots, one /30 per slot; must not
+    /// overlap a network the host uses (with --network).
+    #[arg(long, requires = "network")]
+    network_subnet: Option<somna_netd::Ipv4Cidr>,
+    /// Interface sandbox traffic leaves through (NAT); default: any.
+    #[arg(long, requires = "network")]
+    network_egress: Option<String>,
 }
 
 impl AgentArgs {
@@ -95,6 +115,22 @@ impl AgentArgs {
         }
         config.images.registry.insecure_registries = self.insecure_registries;
         config.images.cache_budget_bytes = self.image_cache_mib.map(|m| m * 1024 * 1024);
+        if self.network {
+            let mut net = somna_netd::NetdConfig {
+                pool_size: self.network_pool,
+                ..Default::default()
+            };
+            if let Some(p) = self.network_prefix {
+                net.name_prefix = p;
+            }
+            if let Some(s) = self.network_subnet {
+                net.host_subnet = s;
+            }
+            if let Some(i) = self.network_egress {
+                net.egress = somna_netd::Egress::Interface(i);
+            }
+            config.network = Some(net);
+        }
         config
     }
 }

@@ -10,7 +10,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use somna_controlplane::{Host, StatusStream};
 use somna_hypervisor_agent::{
-    Agent, HostInfo, SandboxInfo, SandboxRequest, SandboxState, StartMode,
+    Agent, EgressPolicy, HostInfo, NetworkCounters, SandboxInfo, SandboxRequest, SandboxState,
+    StartMode,
 };
 use somna_images::{ImageSource, PullEvent};
 use somna_proto::v1::{
@@ -57,8 +58,32 @@ impl LocalHost {
             last_active_at: Some(info.last_active_at.into()),
             sleep_count: info.sleep_count,
             wake_count: info.wake_count,
+            network: info.network.map(network_to_proto),
             ..Default::default()
         }
+    }
+}
+
+/// The create request's network fields as a policy; bad CIDRs are
+/// INVALID_ARGUMENT naming the field.
+fn network_policy(
+    no_internet: bool,
+    allow_out: &[String],
+    deny_out: &[String],
+) -> Result<EgressPolicy, Status> {
+    EgressPolicy::from_args(no_internet, allow_out, deny_out)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn network_to_proto(c: NetworkCounters) -> proto::NetworkCounters {
+    proto::NetworkCounters {
+        rx_bytes: c.rx_bytes,
+        tx_bytes: c.tx_bytes,
+        rx_packets: c.rx_packets,
+        tx_packets: c.tx_packets,
+        last_activity_at: c
+            .last_activity_unix_ms
+            .map(|ms| (std::time::UNIX_EPOCH + Duration::from_millis(ms)).into()),
     }
 }
 
@@ -131,7 +156,11 @@ impl Host for LocalHost {
         self.agent.host_id()
     }
 
-    async fn create_sandbox(&self, id: &str, req: CreateSandboxRequest) -> Result<proto::Sandbox, Status> {
+    async fn create_sandbox(
+        &self,
+        id: &str,
+        req: CreateSandboxRequest,
+    ) -> Result<proto::Sandbox, Status> {
         let info = self
             .agent
             .create_sandbox(SandboxRequest {
@@ -144,6 +173,7 @@ impl Host for LocalHost {
                 idle_timeout: (req.idle_timeout_seconds > 0)
                     .then(|| Duration::from_secs(req.idle_timeout_seconds)),
                 start_mode: start_mode_from_proto(req.start_mode)?,
+                network: network_policy(req.no_internet, &req.allow_out, &req.deny_out)?,
             })
             .await?;
         Ok(self.to_proto(info))
@@ -176,9 +206,16 @@ impl Host for LocalHost {
 
     async fn info(&self) -> Result<proto::Host, Status> {
         let mut h = host_to_proto(self.agent.host_info());
-        h.cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        h.cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         h.memory_mib = host_memory_mib();
-        h.cached_images = self.agent.list_images().into_iter().map(|i| i.reference).collect();
+        h.cached_images = self
+            .agent
+            .list_images()
+            .into_iter()
+            .map(|i| i.reference)
+            .collect();
         h.state = "ready".into();
         Ok(h)
     }

@@ -69,6 +69,13 @@ pub fn sandbox_json(s: &proto::Sandbox) -> Value {
         "sleep_count": s.sleep_count,
         "wake_count": s.wake_count,
         "failure": if s.failure.is_empty() { Value::Null } else { Value::String(s.failure.clone()) },
+        "network": s.network.as_ref().map(|n| json!({
+            "rx_bytes": n.rx_bytes,
+            "tx_bytes": n.tx_bytes,
+            "rx_packets": n.rx_packets,
+            "tx_packets": n.tx_packets,
+            "last_activity_at": rfc3339(&n.last_activity_at),
+        })),
     })
 }
 

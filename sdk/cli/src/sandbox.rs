@@ -85,6 +85,16 @@ pub struct CreateArgs {
     /// returns the sandbox the first attempt made instead of a second one.
     #[arg(long)]
     request_id: Option<String>,
+    /// No internet access (hosts running with --network).
+    #[arg(long)]
+    no_internet: bool,
+    /// Allow this IPv4 CIDR even without internet or in a private range;
+    /// repeatable.
+    #[arg(long = "allow-out", value_name = "CIDR")]
+    allow_out: Vec<String>,
+    /// Deny this IPv4 CIDR; repeatable.
+    #[arg(long = "deny-out", value_name = "CIDR")]
+    deny_out: Vec<String>,
 }
 
 fn parse_start_mode(s: &str) -> Result<somna_sdk::proto::StartMode, String> {
@@ -144,7 +154,13 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
         }
         opts = opts.idle_timeout(Duration::from_secs(t));
     }
-    opts = opts.start_mode(args.start);
+    opts = opts.start_mode(args.start).no_internet(args.no_internet);
+    for c in args.allow_out {
+        opts = opts.allow_out(c);
+    }
+    for c in args.deny_out {
+        opts = opts.deny_out(c);
+    }
     if let Some(t) = args.timeout {
         if t == 0 {
             bail!("--timeout must be at least 1 second");

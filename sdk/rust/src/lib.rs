@@ -133,6 +133,9 @@ impl Client {
             start_mode: options.start_mode as i32,
             labels: options.labels.into_iter().collect(),
             request_id: options.request_id,
+            no_internet: options.no_internet,
+            allow_out: options.allow_out,
+            deny_out: options.deny_out,
         };
         let info = self.rpc().create_sandbox(req).await?.into_inner();
         Ok(Sandbox {
@@ -288,6 +291,12 @@ pub struct CreateOptions {
     /// A client-chosen id that makes retries safe: a second create with the
     /// same id returns the sandbox the first one made.
     pub request_id: String,
+    /// No internet access (hosts with networking).
+    pub no_internet: bool,
+    /// IPv4 CIDRs the sandbox may reach even without internet.
+    pub allow_out: Vec<String>,
+    /// IPv4 CIDRs the sandbox may not reach.
+    pub deny_out: Vec<String>,
 }
 
 impl CreateOptions {
@@ -331,6 +340,18 @@ impl CreateOptions {
     }
     pub fn request_id(mut self, id: impl Into<String>) -> Self {
         self.request_id = id.into();
+        self
+    }
+    pub fn no_internet(mut self, no_internet: bool) -> Self {
+        self.no_internet = no_internet;
+        self
+    }
+    pub fn allow_out(mut self, cidr: impl Into<String>) -> Self {
+        self.allow_out.push(cidr.into());
+        self
+    }
+    pub fn deny_out(mut self, cidr: impl Into<String>) -> Self {
+        self.deny_out.push(cidr.into());
         self
     }
 }

@@ -1,0 +1,168 @@
+//! Sandbox networking end to end (`somna up --network`, root): real
+//! microVMs on netd slots, talking only to an "internet" namespace this
+//! test creates (the platform's egress is that namespace's uplink).
+
+use std::time::Duration;
+
+use somna_netd::Egress;
+use somna_netd::testing::{Internet, TcpServer};
+use somna_sdk::proto::SandboxState;
+use somna_sdk::{Client, Command, CreateOptions, Sandbox};
+use somna_testkit::{Options, Platform, eventually};
+
+/// The internet namespace (with an echo server) and a platform whose
+/// sandbox traffic leaves only towards it. Field order: the platform (and
+/// its netd) goes before the namespace it uses as egress.
+struct World {
+    platform: Platform,
+    server: TcpServer,
+    _inet: Internet,
+}
+
+fn world(n: u8) -> Option<World> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipping: sandbox networking needs root");
+        return None;
+    }
+    let inet = Internet::create(
+        &format!("somnae{n}"),
+        format!("203.0.113.{}/30", 64 + 4 * u32::from(n))
+            .parse()
+            .unwrap(),
+    )
+    .expect("create the internet namespace");
+    let server = TcpServer::spawn(inet.listen(8080).unwrap(), true).unwrap();
+    let Egress::Interface(uplink) = inet.egress() else {
+        unreachable!("Internet::egress is an interface")
+    };
+    let mut o = Options::new(env!("CARGO_BIN_EXE_somna"));
+    o.extra_args = [
+        "--network",
+        "--network-prefix",
+        &format!("somnaq{n}"),
+        "--network-subnet",
+        &format!("100.126.{n}.0/24"),
+        "--network-pool",
+        "2",
+        "--network-egress",
+        &uplink,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Some(World {
+        platform: Platform::start(o),
+        server,
+        _inet: inet,
+    })
+}
+
+/// Sends a line to the internet's echo server from inside the sandbox;
+/// true when it came back.
+async fn reaches(sb: &Sandbox, server: &TcpServer) -> bool {
+    let a = server.addr();
+    let script = format!(
+        "echo somna-ping | nc -w 5 {} {} 2>/dev/null",
+        a.ip(),
+        a.port()
+    );
+    let out = sb
+        .exec(Command::from_argv(["sh", "-c", &script]))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("somna-ping")
+}
+
+async fn guest_has_address(sb: &Sandbox) {
+    // /proc/net/fib_trie lists the local addresses (no `ip` needed).
+    let out = sb
+        .exec(Command::from_argv(["cat", "/proc/net/fib_trie"]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("172.16.0.2"),
+        "eth0 has the slot contract's address:\n{text}"
+    );
+}
+
+async fn tx_bytes(client: &Client, id: &str) -> u64 {
+    let sb = client.sandbox(id).await.unwrap();
+    sb.info().network.as_ref().map(|n| n.tx_bytes).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn internet_on_reaches_outside_and_internet_off_does_not() {
+    let Some(w) = world(1) else { return };
+    let client = w.platform.client().await;
+    let on = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
+    let off = client
+        .create_sandbox(CreateOptions::new("busybox").no_internet(true))
+        .await
+        .unwrap();
+    guest_has_address(&on).await;
+    guest_has_address(&off).await;
+    assert!(reaches(&on, &w.server).await, "internet on: reaches it");
+    assert!(
+        !reaches(&off, &w.server).await,
+        "internet off: blocked by the slot's eBPF policy"
+    );
+    // Counters come to the control plane with the host's heartbeat.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            tx_bytes(&client, on.id()).await > 0
+        })
+        .await,
+        "network counters of the sandbox that sent traffic"
+    );
+
+    // Bad rules are INVALID_ARGUMENT naming the field.
+    let err = match client
+        .create_sandbox(
+            CreateOptions::new("busybox")
+                .allow_out("10.0.0.0/8")
+                .deny_out("10.0.0.0/8"),
+        )
+        .await
+    {
+        Ok(_) => panic!("a CIDR in both lists was accepted"),
+        Err(e) => e,
+    };
+    assert!(
+        err.to_string().contains("deny_out") || err.to_string().contains("allow_out"),
+        "{err}"
+    );
+    on.destroy().await.unwrap();
+    off.destroy().await.unwrap();
+}
+
+/// A VM restored from its snapshot on another slot keeps working
+/// networking: the guest side is the same on every slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn woken_sandbox_on_another_slot_has_network() {
+    let Some(w) = world(2) else { return };
+    let client = w.platform.client().await;
+    let a = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
+    assert!(reaches(&a, &w.server).await);
+    let slept = client.sleep_sandbox(a.id()).await.unwrap();
+    assert_eq!(slept.state, SandboxState::Sleeping as i32);
+    // The slot `a` gave back is the next one claimed: `b` takes it, so `a`
+    // wakes on a different one.
+    let b = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
+    let woke = client.wake_sandbox(a.id()).await.unwrap();
+    assert_eq!(woke.state, SandboxState::Running as i32);
+    guest_has_address(&a).await;
+    assert!(reaches(&a, &w.server).await, "woken sandbox reaches out");
+    assert!(reaches(&b, &w.server).await, "the other sandbox too");
+    a.destroy().await.unwrap();
+    b.destroy().await.unwrap();
+}

@@ -1,5 +1,5 @@
 //! Contract tests of the Cloud Hypervisor driver against the API spec in
-//! `shared/reference/cloud-hypervisor-openapi.yaml`: an in-process server
+//! `spec/cloud-hypervisor-openapi.yaml`: an in-process server
 //! implementing the subset the driver uses validates every request body
 //! against the spec's schemas (read from the YAML at test time) while the
 //! driver goes through create/boot/pause/snapshot/restore/shutdown, VFIO

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-/// Where the spec is: `SOMNA_CH_OPENAPI`, else `shared/reference/` beside
-/// the repository (where CI lays it).
+/// Where the spec is: `SOMNA_CH_OPENAPI`, else the copy of Cloud
+/// Hypervisor's published OpenAPI spec (Apache-2.0, LICENSE beside it)
+/// kept with these tests.
 pub fn spec_path() -> PathBuf {
     if let Some(p) = std::env::var_os("SOMNA_CH_OPENAPI") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/cloud-hypervisor-openapi.yaml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ch_contract/spec/cloud-hypervisor-openapi.yaml")
 }
 
 pub struct Spec {

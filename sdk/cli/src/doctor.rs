@@ -471,17 +471,18 @@ fn check_disk(data_dir: &Path) -> Check {
     }
 }
 
-/// The Cloud Hypervisor binary and its version.
-///
-/// Merge point: the Cloud Hypervisor driver (another branch) exposes a
-/// function that finds the operator's binary and reads its version (from
-/// `--version` / `vmm.ping`). When it lands, call it here (and from `run`
-/// without needing `--cloud-hypervisor`, so `somna doctor` always reports
-/// it); until then only an explicitly named binary is checked.
+/// The Cloud Hypervisor binary and its version, read the way the agent's
+/// driver reads it (`vmm.ping` on a scratch instance).
 async fn check_cloud_hypervisor(bin: &Path) -> Check {
+    use somna_hypervisor_agent::vmm::cloud_hypervisor::{MIN_VERSION, probe_binary};
     const NAME: &str = "cloud-hypervisor";
-    match version_of(bin).await {
-        Ok(v) => Check::ok(NAME, format!("{}: {v}", bin.display())),
+    match probe_binary(bin).await {
+        Ok(v) if v.is_supported() => Check::ok(NAME, format!("{}: {v}", bin.display())),
+        Ok(v) => Check::fail(
+            NAME,
+            format!("{}: {v} is older than v{MIN_VERSION}", bin.display()),
+            format!("install Cloud Hypervisor v{MIN_VERSION} or newer"),
+        ),
         Err(e) => Check::fail(
             NAME,
             format!("{} cannot run: {e}", bin.display()),

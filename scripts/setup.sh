@@ -25,7 +25,7 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: it installs packages, and sandboxes need /dev/kvm or QEMU, loop-free disk images and root-owned files"
 
 # --- system packages ---------------------------------------------------------
-packages=(qemu-system-x86 e2fsprogs lz4 kmod cpio file mmdebstrap ca-certificates docker-registry apache2-utils skopeo erofs-utils openssl postgresql python3 python3-venv clang llvm libbpf-dev iproute2 nftables conntrack)
+packages=(qemu-system-x86 e2fsprogs lz4 kmod cpio file mmdebstrap ca-certificates docker-registry apache2-utils skopeo erofs-utils openssl postgresql busybox-static python3 python3-venv clang llvm libbpf-dev iproute2 nftables conntrack)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

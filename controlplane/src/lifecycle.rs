@@ -147,7 +147,9 @@ async fn expire(cp: &ControlPlane) {
         return;
     };
     for row in expired {
-        if row.state == "destroying" {
+        // A create still under way is destroyed once its host has it (a
+        // destroy racing the boot would leave the VMM behind).
+        if row.state == "destroying" || row.state == "creating" {
             continue;
         }
         let id = row.id.clone();

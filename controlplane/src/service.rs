@@ -495,7 +495,16 @@ impl Sandboxes for ControlPlane {
         request: Request<GetSandboxRequest>,
     ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
-        let row = self.row(&caller, &request.into_inner().id).await?;
+        let mut row = self.row(&caller, &request.into_inner().id).await?;
+        // The host's record is fresher than the last heartbeat's (a VMM
+        // that just died, a wake by exec or file call, an idle sleep).
+        if matches!(row.state.as_str(), "running" | "sleeping" | "waking")
+            && let Some(host) = self.inner.hosts.get(&row.host_id)
+            && let Ok(record) = host.get_sandbox(&row.id).await
+        {
+            Self::absorb(&mut row, record);
+            self.save(&row).await?;
+        }
         Ok(Response::new(Self::view(&row)))
     }
 

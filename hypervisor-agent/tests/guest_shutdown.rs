@@ -17,6 +17,8 @@ async fn guest_shutdown_powers_the_vm_off() {
     config.guest_dir = artifacts.guest_dir.clone();
     config.image_dirs = vec![artifacts.image_dir.clone()];
     config.accel = AccelMode::Tcg;
+    // No background template build: it would outlive the test's agent.
+    config.templates = false;
     let agent = Agent::start(config).await.unwrap();
 
     let info = agent

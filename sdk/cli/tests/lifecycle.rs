@@ -85,10 +85,14 @@ async fn restart_after_sigkill_reaps_orphaned_vms() {
         "leftover run directory not removed"
     );
     let client = platform.client().await;
-    assert!(matches!(
-        client.sandbox(sb.id()).await,
-        Err(Error::NotFound(_))
-    ));
+    // The store remembers the sandbox; its VM is gone, and it says so.
+    match client.sandbox(sb.id()).await {
+        Ok(s) => {
+            assert_eq!(s.info().state, somna_sdk::proto::SandboxState::Failed as i32);
+            assert!(s.info().failure.contains("no longer has it"), "{}", s.info().failure);
+        }
+        Err(e) => panic!("the sandbox was forgotten: {e:?}"),
+    }
     // And the restarted platform works.
     let sb2 = client
         .create_sandbox(CreateOptions::new("busybox"))
@@ -117,8 +121,21 @@ async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
         wait_until(Duration::from_secs(10), || !run_dir.exists()),
         "run directory not reclaimed"
     );
+    // The control plane learns it from the host (at the latest with the
+    // next heartbeat).
+    let failed = somna_testkit::eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        let id = sb.id().to_string();
+        async move {
+            client
+                .sandbox(&id)
+                .await
+                .is_ok_and(|s| s.info().state == somna_sdk::proto::SandboxState::Failed as i32)
+        }
+    })
+    .await;
+    assert!(failed, "the sandbox was not marked failed");
     let info = sb.refresh().await.unwrap().clone();
-    assert_eq!(info.state, somna_sdk::proto::SandboxState::Failed as i32);
     assert!(
         info.failure.contains("killed by signal 9"),
         "failure: {}",
@@ -227,7 +244,15 @@ async fn sandbox_timeout_destroys_it() {
         client.sandbox(sb.id()).await,
         Err(Error::NotFound(_))
     ));
-    assert!(platform.vmm_pids().is_empty());
+    assert!(
+        wait_until(Duration::from_secs(10), || platform.vmm_pids().is_empty()),
+        "a VMM outlived the timeout: {:?}",
+        platform
+            .vmm_pids()
+            .iter()
+            .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().replace('\0', " "))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -194,7 +194,11 @@ async fn idle_sandboxes_go_to_sleep_by_themselves() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn template_clones_have_their_own_identity() {
-    let p = platform(true);
+    // Ten 1-vCPU clones at once: allow them on a small CI host.
+    let mut o = Options::new(env!("CARGO_BIN_EXE_somna"));
+    o.templates = true;
+    o.extra_args = vec!["--cpu-overcommit".into(), "16".into()];
+    let p = Platform::start(o);
     let client = p.client().await;
     let mut seen = (HashSet::new(), HashSet::new(), HashSet::new());
     let mut sandboxes = Vec::new();
@@ -223,10 +227,17 @@ async fn template_clones_have_their_own_identity() {
         (10, 10, 10),
         "clones share an identity or RNG output"
     );
-    let hosts = client.list_hosts().await.unwrap();
-    let t = &hosts[0].templates;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].clones, 10);
+    // Host reports reach the control plane with its heartbeat (2 s).
+    let reported = somna_testkit::eventually(Duration::from_secs(15), || {
+        let client = client.clone();
+        async move {
+            let hosts = client.list_hosts().await.unwrap();
+            let t = &hosts[0].templates;
+            t.len() == 1 && t[0].clones == 10
+        }
+    })
+    .await;
+    assert!(reported, "the host did not report one template with 10 clones");
 
     // A clone sleeps (its RAM goes into the snapshot stream), wakes into
     // a memory file of its own, and sleeps and wakes again.

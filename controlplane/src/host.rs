@@ -32,6 +32,12 @@ pub trait Host: Send + Sync + 'static {
     /// Light sleep: snapshot the VM and give its RAM back to the host.
     async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
     async fn wake_sandbox(&self, id: &str) -> Result<Sandbox, Status>;
+    /// Replaces the sandbox's network policy (live if its VM runs).
+    async fn update_network(
+        &self,
+        id: &str,
+        policy: somna_proto::v1::NetworkPolicy,
+    ) -> Result<Sandbox, Status>;
     /// The host's state: accelerator, counts, templates, warm pools.
     async fn info(&self) -> Result<somna_proto::v1::Host, Status>;
 

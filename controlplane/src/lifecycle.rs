@@ -3,7 +3,7 @@
 //! the store). The leading replica also destroys expired sandboxes and
 //! marks hosts lost when nobody has heard from them in time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,10 +54,26 @@ pub(crate) fn spawn(cp: &ControlPlane) {
     });
 }
 
+/// How long a host may take to list a sandbox the control plane asked it
+/// to create.
+const CREATE_GRACE_MS: i64 = 120_000;
+
 /// Asks `host` for its report and its sandboxes and brings the store in
 /// line with them.
 pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
     let limit = cp.inner.config.heartbeat.max(Duration::from_secs(2));
+    // Rows settled (past creating) before the host is asked: only these may
+    // be missing from its list because the host lost them. A create that
+    // finishes while the report is on its way is settled in the store but
+    // absent from the (older) list.
+    let Ok(before) = cp.inner.store.sandboxes_on_host(host.id()).await else {
+        return;
+    };
+    let settled: HashSet<String> = before
+        .into_iter()
+        .filter(|r| r.state != "creating" || now_ms() - r.created_ms >= CREATE_GRACE_MS)
+        .map(|r| r.id)
+        .collect();
     let report = tokio::time::timeout(limit, async {
         Ok::<_, tonic::Status>((host.info().await?, host.list_sandboxes().await?))
     })
@@ -87,13 +103,14 @@ pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
         warn!(host = host.id(), error = %e, "cannot record the host's heartbeat");
         return;
     }
-    reconcile(cp, host, sandboxes).await;
+    reconcile(cp, host, &settled, sandboxes).await;
 }
 
 /// Sandboxes the store places on `host`, against what `host` reports.
 async fn reconcile(
     cp: &ControlPlane,
     host: &Arc<dyn Host>,
+    settled: &HashSet<String>,
     reported: Vec<somna_proto::v1::Sandbox>,
 ) {
     let store = &cp.inner.store;
@@ -127,8 +144,10 @@ async fn reconcile(
                 let _ = store.delete_sandbox(&row.id).await;
             }
             // Still being created: the host lists it once it is under way.
-            None if row.state == "creating" && now_ms() - row.created_ms < 120_000 => {}
+            None if row.state == "creating" && now_ms() - row.created_ms < CREATE_GRACE_MS => {}
             None if row.state == "failed" => {}
+            // Settled after the host made its list: the next report has it.
+            None if !settled.contains(&row.id) => {}
             None => {
                 warn!(id = %row.id, host = host.id(), "the host no longer has this sandbox");
                 row.state = "failed".into();

@@ -118,6 +118,17 @@ impl Host for RemoteHost {
             .into_inner())
     }
 
+    async fn update_network(&self, id: &str, policy: NetworkPolicy) -> Result<Sandbox, Status> {
+        Ok(self
+            .rpc()
+            .update_sandbox_network(UpdateSandboxNetworkRequest {
+                id: id.into(),
+                policy: Some(policy),
+            })
+            .await?
+            .into_inner())
+    }
+
     async fn info(&self) -> Result<somna_proto::v1::Host, Status> {
         Ok(self.rpc().info(InfoRequest {}).await?.into_inner())
     }
@@ -272,6 +283,18 @@ impl HostAgent for HostAdapter {
     ) -> Result<Response<Sandbox>, Status> {
         Ok(Response::new(
             self.host.wake_sandbox(&r.into_inner().id).await?,
+        ))
+    }
+
+    async fn update_sandbox_network(
+        &self,
+        r: Request<UpdateSandboxNetworkRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(
+            self.host
+                .update_network(&r.id, r.policy.unwrap_or_default())
+                .await?,
         ))
     }
 

@@ -15,6 +15,7 @@ use somna_proto::v1::{
     ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest, ReadFileRequest,
     RemoveFileRequest, RemoveFileResponse, RenameFileRequest, RenameFileResponse, Sandbox,
     SandboxState, SetSandboxTimeoutRequest, SleepSandboxRequest, StatFileRequest,
+    UpdateSandboxNetworkRequest,
     WakeSandboxRequest, WriteFileRequest, WriteFileResponse, exec_request, write_file_request,
 };
 use tonic::{Request, Response, Status, Streaming};
@@ -623,6 +624,22 @@ impl Sandboxes for ControlPlane {
         let mut row = self.row(&caller, &req.id).await?;
         row.expires_ms =
             (req.timeout_seconds > 0).then(|| now_ms() + (req.timeout_seconds as i64) * 1000);
+        self.save(&row).await?;
+        Ok(Response::new(Self::view(&row)))
+    }
+
+    async fn update_sandbox_network(
+        &self,
+        request: Request<UpdateSandboxNetworkRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        let caller = self.caller(&request).await?;
+        let req = request.into_inner();
+        let policy = req
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy is required"))?;
+        let (mut row, host) = self.route(&caller, &req.id).await?;
+        let record = host.update_network(&row.id, policy).await?;
+        Self::absorb(&mut row, record);
         self.save(&row).await?;
         Ok(Response::new(Self::view(&row)))
     }

@@ -89,6 +89,19 @@ impl Host for FakeHost {
             .map(|_| ())
             .ok_or_else(|| Status::not_found(id.to_string()))
     }
+    async fn update_network(
+        &self,
+        id: &str,
+        policy: somna_proto::v1::NetworkPolicy,
+    ) -> Result<Sandbox, Status> {
+        self.check()?;
+        let mut m = self.sandboxes.lock().unwrap();
+        let s = m
+            .get_mut(id)
+            .ok_or_else(|| Status::not_found(id.to_string()))?;
+        s.network_policy = Some(policy);
+        Ok(s.clone())
+    }
     async fn sleep_sandbox(&self, id: &str) -> Result<Sandbox, Status> {
         self.check()?;
         let mut m = self.sandboxes.lock().unwrap();

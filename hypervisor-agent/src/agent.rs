@@ -390,6 +390,7 @@ impl Agent {
                 vmm_pid: 0,
                 run_dir: dir.path().to_path_buf(),
                 network: None,
+                network_policy: None,
             }),
             root_disk_id: crate::templates::root_disk_id(root),
             _image_lease: self.images.lease(image),
@@ -562,6 +563,9 @@ impl Agent {
     fn info_of(&self, sandbox: &Sandbox) -> SandboxInfo {
         let mut info = sandbox.info();
         info.network = sandbox.net.counters(&self.network);
+        if self.network.enabled() {
+            info.network_policy = Some(sandbox.net.policy());
+        }
         info
     }
 

@@ -346,7 +346,8 @@ pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
 }
 
 /// Puts sandboxes to sleep after their idle timeout: no exec in flight and
-/// no exec or file activity for that long.
+/// no exec or file activity and no network traffic (other than platform
+/// health checks, which netd does not count) for that long.
 pub(crate) fn spawn_idle_monitor(agent: &Arc<Agent>) {
     let weak: Weak<Agent> = Arc::downgrade(agent);
     tokio::spawn(async move {
@@ -362,6 +363,9 @@ pub(crate) fn spawn_idle_monitor(agent: &Arc<Agent>) {
                 if info.state == SandboxState::Running
                     && sandbox.activity.inflight() == 0
                     && sandbox.activity.idle_for() >= timeout
+                    && agent
+                        .network_idle_for(&sandbox)
+                        .is_none_or(|idle| idle >= timeout)
                 {
                     let agent = agent.clone();
                     tokio::spawn(async move {

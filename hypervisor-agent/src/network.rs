@@ -119,12 +119,36 @@ impl HostNetwork {
 }
 
 impl crate::agent::Agent {
-    /// Changes a sandbox's network policy; live (BPF map writes, no
-    /// reattach) when its VM runs, else from its next wake. Not yet
-    /// relayed by the API (see the issue 5 note).
-    pub fn update_network(&self, id: &str, policy: EgressPolicy) -> Result<(), AgentError> {
+    /// Replaces a sandbox's egress rules (internet, allow and deny lists);
+    /// live (BPF map writes, no reattach) when its VM runs, else from its
+    /// next wake. The ports it exposes stay as they were.
+    pub fn update_network(
+        &self,
+        id: &str,
+        mut policy: EgressPolicy,
+    ) -> Result<crate::SandboxInfo, AgentError> {
+        if !self.network.enabled() {
+            return Err(AgentError::Network(
+                format!(
+                    "host {} runs without networking, so its sandboxes have no network \
+                     device to apply a policy to; start the agent with --network",
+                    self.host_id()
+                ),
+                ErrorKind::FailedPrecondition,
+            ));
+        }
         self.network.validate(&policy)?;
-        self.lookup(id)?.net.set_policy(policy)
+        let sandbox = self.lookup(id)?;
+        policy.exposed_tcp_ports = sandbox.net.policy().exposed_tcp_ports;
+        sandbox.net.set_policy(policy)?;
+        self.get(id)
+    }
+
+    /// How long since the sandbox's last network traffic that counts as
+    /// activity (health checks do not); None without networking or
+    /// before its first packet.
+    pub(crate) fn network_idle_for(&self, sandbox: &crate::sandbox::Sandbox) -> Option<std::time::Duration> {
+        sandbox.net.counters(&self.network)?.idle_for()
     }
 }
 

@@ -105,6 +105,9 @@ pub struct SandboxInfo {
     /// Traffic counters (None when the host has networking off); filled by
     /// `Agent::get` and `Agent::list`.
     pub network: Option<somna_netd::Counters>,
+    /// The network policy in force (None when the host has networking
+    /// off); filled like `network`.
+    pub network_policy: Option<somna_netd::EgressPolicy>,
 }
 
 /// Where a sandbox's guest RAM lives while it runs.

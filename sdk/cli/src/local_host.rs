@@ -59,6 +59,11 @@ impl LocalHost {
             sleep_count: info.sleep_count,
             wake_count: info.wake_count,
             network: info.network.map(network_to_proto),
+            network_policy: info.network_policy.map(|p| proto::NetworkPolicy {
+                no_internet: !p.internet,
+                allow_out: p.allow_out.iter().map(ToString::to_string).collect(),
+                deny_out: p.deny_out.iter().map(ToString::to_string).collect(),
+            }),
             ..Default::default()
         }
     }
@@ -202,6 +207,15 @@ impl Host for LocalHost {
 
     async fn wake_sandbox(&self, id: &str) -> Result<proto::Sandbox, Status> {
         Ok(self.to_proto(self.agent.wake(id).await?))
+    }
+
+    async fn update_network(
+        &self,
+        id: &str,
+        policy: proto::NetworkPolicy,
+    ) -> Result<proto::Sandbox, Status> {
+        let policy = network_policy(policy.no_internet, &policy.allow_out, &policy.deny_out)?;
+        Ok(self.to_proto(self.agent.update_network(id, policy)?))
     }
 
     async fn info(&self) -> Result<proto::Host, Status> {

@@ -55,12 +55,7 @@ pub fn sandbox_json(s: &proto::Sandbox) -> Value {
         "created_at": rfc3339(&s.created_at),
         "expires_at": rfc3339(&s.expires_at),
         "host": s.host,
-        "labels": s.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "request_id": if s.request_id.is_empty() { Value::Null } else { Value::String(s.request_id.clone()) },
-        "network": s.network.as_ref().map(|n| json!({
-            "rx_bytes": n.rx_bytes, "tx_bytes": n.tx_bytes,
-            "rx_packets": n.rx_packets, "tx_packets": n.tx_packets,
-        })),
         "accelerator": s.accelerator,
         "boot_ms": s.boot_ms,
         "start_mode": start_mode_name(s.start_mode),
@@ -75,6 +70,11 @@ pub fn sandbox_json(s: &proto::Sandbox) -> Value {
             "rx_packets": n.rx_packets,
             "tx_packets": n.tx_packets,
             "last_activity_at": rfc3339(&n.last_activity_at),
+        })),
+        "network_policy": s.network_policy.as_ref().map(|p| json!({
+            "no_internet": p.no_internet,
+            "allow_out": p.allow_out,
+            "deny_out": p.deny_out,
         })),
     })
 }

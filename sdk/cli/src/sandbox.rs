@@ -38,6 +38,13 @@ pub enum SandboxCommand {
     },
     /// Destroy the sandbox SECONDS from now (0: never destroy it by time).
     SetTimeout { id: String, seconds: u64 },
+    /// Replace a running or sleeping sandbox's network policy (hosts
+    /// running with --network); takes effect at once.
+    SetNetwork {
+        id: String,
+        #[command(flatten)]
+        policy: NetworkArgs,
+    },
     /// Destroy sandboxes.
     #[command(alias = "destroy")]
     Rm {
@@ -85,7 +92,14 @@ pub struct CreateArgs {
     /// returns the sandbox the first attempt made instead of a second one.
     #[arg(long)]
     request_id: Option<String>,
-    /// No internet access (hosts running with --network).
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// A sandbox's network policy (hosts running with --network).
+#[derive(Args)]
+pub struct NetworkArgs {
+    /// No internet access.
     #[arg(long)]
     no_internet: bool,
     /// Allow this IPv4 CIDR even without internet or in a private range;
@@ -95,6 +109,16 @@ pub struct CreateArgs {
     /// Deny this IPv4 CIDR; repeatable.
     #[arg(long = "deny-out", value_name = "CIDR")]
     deny_out: Vec<String>,
+}
+
+impl NetworkArgs {
+    fn policy(self) -> somna_sdk::proto::NetworkPolicy {
+        somna_sdk::proto::NetworkPolicy {
+            no_internet: self.no_internet,
+            allow_out: self.allow_out,
+            deny_out: self.deny_out,
+        }
+    }
 }
 
 fn parse_start_mode(s: &str) -> Result<somna_sdk::proto::StartMode, String> {
@@ -126,6 +150,15 @@ pub async fn run(cmd: SandboxCommand, addr: &str, json: bool) -> anyhow::Result<
         SandboxCommand::SetTimeout { id, seconds } => {
             set_timeout(&client, &id, seconds, json).await.map(|()| 0)
         }
+        SandboxCommand::SetNetwork { id, policy } => {
+            let sb = client.update_sandbox_network(&id, policy.policy()).await?;
+            if json {
+                println!("{}", sandbox_json(&sb));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&sandbox_json(&sb)["network_policy"])?);
+            }
+            Ok(0)
+        }
         SandboxCommand::Get { id } => get(&client, &id, json).await.map(|()| 0),
         SandboxCommand::Rm { ids } => rm(&client, &ids, json).await,
         SandboxCommand::Sleep { ids } => sleep_wake(&client, &ids, json, true).await,
@@ -154,11 +187,11 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
         }
         opts = opts.idle_timeout(Duration::from_secs(t));
     }
-    opts = opts.start_mode(args.start).no_internet(args.no_internet);
-    for c in args.allow_out {
+    opts = opts.start_mode(args.start).no_internet(args.network.no_internet);
+    for c in args.network.allow_out {
         opts = opts.allow_out(c);
     }
-    for c in args.deny_out {
+    for c in args.network.deny_out {
         opts = opts.deny_out(c);
     }
     if let Some(t) = args.timeout {

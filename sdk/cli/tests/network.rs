@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use somna_netd::Egress;
 use somna_netd::testing::{Internet, TcpServer};
-use somna_sdk::proto::SandboxState;
+use somna_sdk::proto::{NetworkPolicy, SandboxState};
 use somna_sdk::{Client, Command, CreateOptions, Sandbox};
 use somna_testkit::{Options, Platform, eventually};
 
@@ -119,6 +119,44 @@ async fn internet_on_reaches_outside_and_internet_off_does_not() {
         "network counters of the sandbox that sent traffic"
     );
 
+    // Policies change live, without restarting anything: `off` gets the
+    // internet, `on` loses the server's address through its deny list.
+    let server_net = format!("{}/32", w.server.addr().ip());
+    let opened = client
+        .update_sandbox_network(off.id(), NetworkPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(opened.network_policy, Some(NetworkPolicy::default()));
+    assert!(reaches(&off, &w.server).await, "internet turned on live");
+    let denied = client
+        .update_sandbox_network(
+            on.id(),
+            NetworkPolicy {
+                deny_out: vec![server_net.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        denied.network_policy.map(|p| p.deny_out),
+        Some(vec![server_net])
+    );
+    assert!(!reaches(&on, &w.server).await, "deny list applied live");
+    match client
+        .update_sandbox_network(
+            on.id(),
+            NetworkPolicy {
+                allow_out: vec!["10.0.0.0/33".into()],
+                ..Default::default()
+            },
+        )
+        .await
+    {
+        Err(somna_sdk::Error::InvalidArgument(m)) => assert!(m.contains("allow_out"), "{m}"),
+        other => panic!("a bad CIDR in an update: {other:?}"),
+    }
+
     // Bad rules are INVALID_ARGUMENT naming the field.
     let err = match client
         .create_sandbox(
@@ -165,4 +203,60 @@ async fn woken_sandbox_on_another_slot_has_network() {
     assert!(reaches(&b, &w.server).await, "the other sandbox too");
     a.destroy().await.unwrap();
     b.destroy().await.unwrap();
+}
+
+/// Network traffic counts as activity for the idle timeout: a sandbox
+/// whose only activity is a background process talking to the outside
+/// stays awake, and sleeps once that process stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn network_traffic_keeps_a_sandbox_awake() {
+    let Some(w) = world(3) else { return };
+    let client = w.platform.client().await;
+    let idle = Duration::from_secs(2);
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox").idle_timeout(idle))
+        .await
+        .unwrap();
+    let a = w.server.addr();
+    let script = format!(
+        "(while :; do echo x | nc -w 1 {} {}; sleep 0.2; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/talker.pid",
+        a.ip(),
+        a.port()
+    );
+    let out = sb
+        .exec(Command::from_argv(["sh", "-c", &script]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    let started = std::time::Instant::now();
+
+    // Three idle timeouts without exec or file activity: it must stay
+    // awake, and keep sending, all along.
+    let mut last_tx = 0;
+    while started.elapsed() < idle * 3 {
+        let info = client.sandbox(sb.id()).await.unwrap().info().clone();
+        assert_eq!(
+            info.state,
+            SandboxState::Running as i32,
+            "slept after {:?} while its network was busy",
+            started.elapsed()
+        );
+        last_tx = info.network.map(|n| n.tx_bytes).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(last_tx > 0, "the background process sent traffic");
+
+    let out = sb
+        .exec(Command::from_argv(["sh", "-c", "kill $(cat /tmp/talker.pid)"]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            client.sandbox(sb.id()).await.unwrap().info().state == SandboxState::Sleeping as i32
+        })
+        .await,
+        "a quiet sandbox sleeps after its idle timeout"
+    );
+    sb.destroy().await.unwrap();
 }

@@ -211,6 +211,21 @@ impl Client {
         Ok(self.rpc().set_sandbox_timeout(req).await?.into_inner())
     }
 
+    /// Replaces a sandbox's network policy: internet on or off and the
+    /// allowed and denied IPv4 CIDRs. Takes effect at once on a running
+    /// VM; bad CIDRs are `InvalidArgument` naming the field.
+    pub async fn update_sandbox_network(
+        &self,
+        id: &str,
+        policy: proto::NetworkPolicy,
+    ) -> Result<proto::Sandbox> {
+        let req = proto::UpdateSandboxNetworkRequest {
+            id: id.to_string(),
+            policy: Some(policy),
+        };
+        Ok(self.rpc().update_sandbox_network(req).await?.into_inner())
+    }
+
     /// Puts a sandbox into light sleep (its RAM goes back to the host).
     pub async fn sleep_sandbox(&self, id: &str) -> Result<proto::Sandbox> {
         let req = proto::SleepSandboxRequest { id: id.to_string() };

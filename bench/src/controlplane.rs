@@ -23,7 +23,11 @@ pub fn scheduler_bench(hosts: usize, decisions: usize, policy: Policy) -> Value 
             warm_pool_ready: i % 7 == 0,
             has_template: i % 3 == 0,
             image_cached: i % 2 == 0,
-            capabilities: if i % 25 == 0 { vec!["gpu".into()] } else { vec![] },
+            capabilities: if i % 25 == 0 {
+                vec!["gpu".into()]
+            } else {
+                vec![]
+            },
             ..Default::default()
         })
         .collect();
@@ -44,7 +48,11 @@ pub fn scheduler_bench(hosts: usize, decisions: usize, policy: Policy) -> Value 
         let demand = Demand {
             cpus: [1, 2, 4][(r % 3) as usize],
             memory_mib: [512, 1024, 2048, 4096][((r >> 8) % 4) as usize],
-            capabilities: if r % 100 == 0 { vec!["gpu".into()] } else { vec![] },
+            capabilities: if r % 100 == 0 {
+                vec!["gpu".into()]
+            } else {
+                vec![]
+            },
         };
         let t = Instant::now();
         let d = scheduler::place(&demand, &views, policy, over);
@@ -110,7 +118,10 @@ pub async fn api_create(
                     let mut errors = Vec::new();
                     for _ in 0..per_client {
                         let t = Instant::now();
-                        match client.create_sandbox(CreateOptions::new(&image).memory_mib(256)).await {
+                        match client
+                            .create_sandbox(CreateOptions::new(&image).memory_mib(256))
+                            .await
+                        {
                             Ok(sb) => {
                                 lat.push(t.elapsed());
                                 if let Err(e) = sb.destroy().await {
@@ -149,5 +160,7 @@ pub async fn api_create(
             }),
         ));
     }
-    Ok(json!({ "bench": "api_create", "accelerator": accelerator, "image": image, "levels": results }))
+    Ok(
+        json!({ "bench": "api_create", "accelerator": accelerator, "image": image, "levels": results }),
+    )
 }

@@ -133,8 +133,16 @@ pub(crate) fn round(x: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Bench::Scheduler { hosts, decisions, policy } = &cli.bench {
-        println!("{}", controlplane::scheduler_bench(*hosts, *decisions, *policy));
+    if let Bench::Scheduler {
+        hosts,
+        decisions,
+        policy,
+    } = &cli.bench
+    {
+        println!(
+            "{}",
+            controlplane::scheduler_bench(*hosts, *decisions, *policy)
+        );
         return Ok(());
     }
     let platform = match &cli.addr {

@@ -15,8 +15,8 @@ use somna_proto::v1::{
     ListSandboxesRequest, ListSandboxesResponse, MakeDirRequest, ReadFileRequest,
     RemoveFileRequest, RemoveFileResponse, RenameFileRequest, RenameFileResponse, Sandbox,
     SandboxState, SetSandboxTimeoutRequest, SleepSandboxRequest, StatFileRequest,
-    UpdateSandboxNetworkRequest,
-    WakeSandboxRequest, WriteFileRequest, WriteFileResponse, exec_request, write_file_request,
+    UpdateSandboxNetworkRequest, WakeSandboxRequest, WriteFileRequest, WriteFileResponse,
+    exec_request, write_file_request,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};

@@ -147,7 +147,10 @@ impl crate::agent::Agent {
     /// How long since the sandbox's last network traffic that counts as
     /// activity (health checks do not); None without networking or
     /// before its first packet.
-    pub(crate) fn network_idle_for(&self, sandbox: &crate::sandbox::Sandbox) -> Option<std::time::Duration> {
+    pub(crate) fn network_idle_for(
+        &self,
+        sandbox: &crate::sandbox::Sandbox,
+    ) -> Option<std::time::Duration> {
         sandbox.net.counters(&self.network)?.idle_for()
     }
 }

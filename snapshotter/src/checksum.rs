@@ -48,11 +48,7 @@ pub fn file_digest(path: &Path) -> io::Result<String> {
 /// sorted. Anything else (symlinks, sockets, devices) is an error: a
 /// snapshot directory holds only files the VMM wrote.
 pub fn dir_files(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
-    fn walk(
-        root: &Path,
-        rel: &Path,
-        out: &mut Vec<std::path::PathBuf>,
-    ) -> io::Result<()> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<std::path::PathBuf>) -> io::Result<()> {
         for entry in std::fs::read_dir(root.join(rel))? {
             let entry = entry?;
             let path = rel.join(entry.file_name());

@@ -81,7 +81,11 @@ impl Part {
         Ok(Part {
             path: rel,
             size: files.iter().map(|f| f.size).sum(),
-            digest: dir_digest(files.iter().map(|f| (f.path.as_path(), f.size, f.digest.as_str()))),
+            digest: dir_digest(
+                files
+                    .iter()
+                    .map(|f| (f.path.as_path(), f.size, f.digest.as_str())),
+            ),
             files: Some(files),
         })
     }
@@ -397,7 +401,13 @@ mod tests {
         .unwrap();
         let part = &snap.meta().state;
         assert_eq!(part.path, PathBuf::from("state"));
-        let files: Vec<_> = part.files.as_ref().unwrap().iter().map(|f| f.path.clone()).collect();
+        let files: Vec<_> = part
+            .files
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|f| f.path.clone())
+            .collect();
         assert_eq!(
             files,
             ["config.json", "memory-ranges", "state.json"].map(PathBuf::from)

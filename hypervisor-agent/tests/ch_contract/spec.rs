@@ -14,7 +14,8 @@ pub fn spec_path() -> PathBuf {
     if let Some(p) = std::env::var_os("SOMNA_CH_OPENAPI") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ch_contract/spec/cloud-hypervisor-openapi.yaml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/ch_contract/spec/cloud-hypervisor-openapi.yaml")
 }
 
 pub struct Spec {

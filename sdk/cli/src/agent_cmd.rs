@@ -46,8 +46,12 @@ pub async fn run(args: AgentCmdArgs, json: bool) -> anyhow::Result<()> {
     init_tracing();
     let connector = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some(
-            tls::connector(&tls::TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() })
-                .context("setting up TLS to the control plane")?,
+            tls::connector(&tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })
+            .context("setting up TLS to the control plane")?,
         ),
         _ => None,
     };
@@ -62,7 +66,9 @@ pub async fn run(args: AgentCmdArgs, json: bool) -> anyhow::Result<()> {
             None => None,
         });
     }
-    let agent = Agent::start(args.agent.config()).await.context("starting the host agent")?;
+    let agent = Agent::start(args.agent.config())
+        .await
+        .context("starting the host agent")?;
     if json {
         println!(
             "{}",
@@ -73,7 +79,11 @@ pub async fn run(args: AgentCmdArgs, json: bool) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("Somna agent {} joining {}", agent.host_id(), args.join.join(", "));
+        println!(
+            "Somna agent {} joining {}",
+            agent.host_id(),
+            args.join.join(", ")
+        );
     }
     let host: Arc<dyn somna_controlplane::Host> = Arc::new(LocalHost::new(agent.clone()));
     // One tunnel per replica, all stopped by the one signal.

@@ -87,12 +87,16 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
 
     let new_token = match &args.join_token {
         Some(t) => {
-            store.add_join_token(&somna_controlplane::auth::hash(t)).await?;
+            store
+                .add_join_token(&somna_controlplane::auth::hash(t))
+                .await?;
             None
         }
         None if store.join_token_count().await? == 0 => {
             let t = somna_controlplane::store::random_token(32);
-            store.add_join_token(&somna_controlplane::auth::hash(&t)).await?;
+            store
+                .add_join_token(&somna_controlplane::auth::hash(&t))
+                .await?;
             write_secret(&args.data_dir.join("join-token"), &t)?;
             Some(t)
         }
@@ -117,7 +121,11 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.agent_listen))?;
     let (api_addr, agent_addr) = (api.local_addr()?, agents.local_addr()?);
-    let tls = match (args.agent_tls_cert, args.agent_tls_key, args.agent_tls_client_ca) {
+    let tls = match (
+        args.agent_tls_cert,
+        args.agent_tls_key,
+        args.agent_tls_client_ca,
+    ) {
         (Some(cert), Some(key), Some(ca)) => Some(
             somna_controlplane::tls::acceptor(&somna_controlplane::tls::TlsFiles { cert, key, ca })
                 .context("setting up TLS for agents")?,
@@ -139,7 +147,10 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
     } else {
         println!("Somna control plane at http://{api_addr}; agents join at {agent_addr}");
         if let Some(k) = &new_key {
-            println!("  API key (default tenant): {k}  (also in {})", key_file.display());
+            println!(
+                "  API key (default tenant): {k}  (also in {})",
+                key_file.display()
+            );
         }
         if let Some(t) = &new_token {
             println!("  join token: {t}  (somna agent --join {agent_addr} --token {t})");
@@ -154,8 +165,15 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let agents_task = tokio::spawn(somna_controlplane::tunnel::serve_agents(cp.clone(), agents, tls, stopped(rx.clone())));
-    somna_controlplane::serve(cp, api, stopped(rx)).await.context("serving the API")?;
+    let agents_task = tokio::spawn(somna_controlplane::tunnel::serve_agents(
+        cp.clone(),
+        agents,
+        tls,
+        stopped(rx.clone()),
+    ));
+    somna_controlplane::serve(cp, api, stopped(rx))
+        .await
+        .context("serving the API")?;
     let _ = agents_task.await;
     Ok(())
 }

@@ -21,7 +21,11 @@ pub struct DoctorArgs {
     #[arg(long, env = "SOMNA_DATA_DIR", default_value = "/var/lib/somna")]
     data_dir: PathBuf,
     /// Directory with the guest kernel (vmlinux) and initramfs.img.
-    #[arg(long, env = "SOMNA_GUEST_DIR", default_value = "/usr/local/lib/somna/guest")]
+    #[arg(
+        long,
+        env = "SOMNA_GUEST_DIR",
+        default_value = "/usr/local/lib/somna/guest"
+    )]
     guest_dir: PathBuf,
     /// The QEMU binary.
     #[arg(long, env = "SOMNA_QEMU", default_value = "qemu-system-x86_64")]
@@ -277,7 +281,10 @@ async fn check_kvm(args: &DoctorArgs, guest: Option<&GuestArtifacts>) -> Check {
         ),
         Ok(c) => Check::warn(
             NAME,
-            format!("KVM present but not usable, Somna falls back to TCG: {}", c.reason),
+            format!(
+                "KVM present but not usable, Somna falls back to TCG: {}",
+                c.reason
+            ),
             TCG_FIX,
         ),
         Err(e) => Check::warn(NAME, e.to_string(), TCG_FIX),
@@ -400,11 +407,13 @@ fn check_cgroups() -> Check {
             format!("cgroup v2 (unified), controllers: {}", c.join(" ")),
         );
     }
-    let v1: Vec<String> = ["cpu", "cpuset", "memory", "pids", "blkio", "devices", "freezer"]
-        .iter()
-        .filter(|c| root.join(c).is_dir())
-        .map(|c| c.to_string())
-        .collect();
+    let v1: Vec<String> = [
+        "cpu", "cpuset", "memory", "pids", "blkio", "devices", "freezer",
+    ]
+    .iter()
+    .filter(|c| root.join(c).is_dir())
+    .map(|c| c.to_string())
+    .collect();
     let unified = root.join("unified");
     match (v1.is_empty(), controllers(&unified)) {
         (false, Ok(c)) => Check::ok(

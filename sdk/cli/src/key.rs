@@ -11,7 +11,11 @@ pub enum KeyCommand {
     /// the tenant's quotas. The key is printed once.
     Create {
         /// The control plane's store (as given to `somna controlplane --store`).
-        #[arg(long, env = "SOMNA_STORE", default_value = "sqlite:///var/lib/somna/state.db")]
+        #[arg(
+            long,
+            env = "SOMNA_STORE",
+            default_value = "sqlite:///var/lib/somna/state.db"
+        )]
         store: String,
         #[arg(long, default_value = "default")]
         tenant: String,
@@ -24,7 +28,11 @@ pub enum KeyCommand {
     },
     /// Revoke a key by its id (the part after `somna_`, before the next `_`).
     Revoke {
-        #[arg(long, env = "SOMNA_STORE", default_value = "sqlite:///var/lib/somna/state.db")]
+        #[arg(
+            long,
+            env = "SOMNA_STORE",
+            default_value = "sqlite:///var/lib/somna/state.db"
+        )]
         store: String,
         id: String,
     },
@@ -32,18 +40,27 @@ pub enum KeyCommand {
 
 pub async fn run(cmd: KeyCommand, json: bool) -> anyhow::Result<i32> {
     match cmd {
-        KeyCommand::Create { store, tenant, max_sandboxes, max_vcpus, max_memory_mib } => {
-            let store = Store::open(&store).await.context("opening the state store")?;
-            let quotas = if max_sandboxes.is_some() || max_vcpus.is_some() || max_memory_mib.is_some() {
-                let d = TenantQuotas::default();
-                Some(TenantQuotas {
-                    max_sandboxes: max_sandboxes.unwrap_or(d.max_sandboxes),
-                    max_vcpus: max_vcpus.unwrap_or(d.max_vcpus),
-                    max_memory_mib: max_memory_mib.unwrap_or(d.max_memory_mib),
-                })
-            } else {
-                None
-            };
+        KeyCommand::Create {
+            store,
+            tenant,
+            max_sandboxes,
+            max_vcpus,
+            max_memory_mib,
+        } => {
+            let store = Store::open(&store)
+                .await
+                .context("opening the state store")?;
+            let quotas =
+                if max_sandboxes.is_some() || max_vcpus.is_some() || max_memory_mib.is_some() {
+                    let d = TenantQuotas::default();
+                    Some(TenantQuotas {
+                        max_sandboxes: max_sandboxes.unwrap_or(d.max_sandboxes),
+                        max_vcpus: max_vcpus.unwrap_or(d.max_vcpus),
+                        max_memory_mib: max_memory_mib.unwrap_or(d.max_memory_mib),
+                    })
+                } else {
+                    None
+                };
             let t = store.ensure_tenant(&tenant, quotas).await?;
             let key = somna_controlplane::auth::create_key(&store, &t.id).await?;
             if json {
@@ -56,12 +73,17 @@ pub async fn run(cmd: KeyCommand, json: bool) -> anyhow::Result<i32> {
                 );
             } else {
                 println!("{}", key.key);
-                eprintln!("(tenant {}; key id {}; it is not shown again)", t.name, key.id);
+                eprintln!(
+                    "(tenant {}; key id {}; it is not shown again)",
+                    t.name, key.id
+                );
             }
             Ok(0)
         }
         KeyCommand::Revoke { store, id } => {
-            let store = Store::open(&store).await.context("opening the state store")?;
+            let store = Store::open(&store)
+                .await
+                .context("opening the state store")?;
             if store.revoke_api_key(&id).await? {
                 println!("revoked {id}");
                 Ok(0)

@@ -4,8 +4,8 @@
 
 mod agent_args;
 mod agent_cmd;
-mod controlplane_cmd;
 mod completions;
+mod controlplane_cmd;
 mod cp;
 mod doctor;
 mod exec;
@@ -75,7 +75,9 @@ fn main() -> ExitCode {
     // Client commands authenticate with the key from the flag, the
     // environment, or (for the local `somna up`) its key file.
     let key = cli.api_key.clone().or_else(|| {
-        std::fs::read_to_string("/var/lib/somna/api-key").ok().map(|k| k.trim().to_string())
+        std::fs::read_to_string("/var/lib/somna/api-key")
+            .ok()
+            .map(|k| k.trim().to_string())
     });
     if let Some(k) = key {
         // SAFETY: no other thread exists yet (the runtime starts below).

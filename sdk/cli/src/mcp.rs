@@ -69,10 +69,15 @@ pub async fn run(args: McpArgs, addr: &str, json: bool) -> anyhow::Result<i32> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let local = listener.local_addr().context("reading the listen address")?;
+            let local = listener
+                .local_addr()
+                .context("reading the listen address")?;
             let url = format!("http://{local}/mcp");
             if json {
-                println!("{}", serde_json::json!({ "addr": url, "transport": "streamable-http" }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "addr": url, "transport": "streamable-http" })
+                );
             } else {
                 println!("Somna MCP server at {url} (streamable HTTP; Ctrl-C to stop)");
             }

@@ -155,7 +155,10 @@ pub async fn run(cmd: SandboxCommand, addr: &str, json: bool) -> anyhow::Result<
             if json {
                 println!("{}", sandbox_json(&sb));
             } else {
-                println!("{}", serde_json::to_string_pretty(&sandbox_json(&sb)["network_policy"])?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&sandbox_json(&sb)["network_policy"])?
+                );
             }
             Ok(0)
         }
@@ -187,7 +190,9 @@ async fn create(client: &Client, args: CreateArgs, json: bool) -> anyhow::Result
         }
         opts = opts.idle_timeout(Duration::from_secs(t));
     }
-    opts = opts.start_mode(args.start).no_internet(args.network.no_internet);
+    opts = opts
+        .start_mode(args.start)
+        .no_internet(args.network.no_internet);
     for c in args.network.allow_out {
         opts = opts.allow_out(c);
     }
@@ -246,7 +251,9 @@ async fn ls(client: &Client, labels: Vec<(String, String)>, json: bool) -> anyho
         })
         .collect();
     table(
-        &["ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "HOST", "ACCEL"],
+        &[
+            "ID", "IMAGE", "STATE", "CPUS", "MEMORY", "AGE", "HOST", "ACCEL",
+        ],
         &rows,
     );
     Ok(())

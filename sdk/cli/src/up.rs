@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use somna_controlplane::store::Store;
 use somna_controlplane::ControlPlane;
+use somna_controlplane::store::Store;
 use somna_hypervisor_agent::Agent;
 
 use crate::agent_args::{AgentArgs, init_tracing, shutdown_signal, write_secret};
@@ -29,11 +29,15 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
     init_tracing();
     let config = args.agent.config();
     let data_dir = config.data_dir.clone();
-    let agent = Agent::start(config).await.context("starting the host agent")?;
+    let agent = Agent::start(config)
+        .await
+        .context("starting the host agent")?;
 
     std::fs::create_dir_all(&data_dir).context("creating the data directory")?;
     let store_url = format!("sqlite://{}", data_dir.join("state.db").display());
-    let store = Store::open(&store_url).await.context("opening the state store")?;
+    let store = Store::open(&store_url)
+        .await
+        .context("opening the state store")?;
     let api_key = local_api_key(&store, &data_dir.join("api-key")).await?;
 
     let control_plane = ControlPlane::new(store, args.scheduling.config());
@@ -43,7 +47,9 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr().context("reading the listen address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let accel = agent.accelerator();
     if json {
         println!(
@@ -63,7 +69,10 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
             accel.accelerator,
             accel.reason
         );
-        println!("  API key: {api_key}  (also in {})", data_dir.join("api-key").display());
+        println!(
+            "  API key: {api_key}  (also in {})",
+            data_dir.join("api-key").display()
+        );
         println!("  try: somna sandbox create --image busybox");
     }
 
@@ -79,7 +88,10 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
 /// The local user's key: the one in `path` if it still works, else a new
 /// one for the `default` tenant (written to `path`).
 async fn local_api_key(store: &Store, path: &std::path::Path) -> anyhow::Result<String> {
-    let tenant = store.ensure_tenant("default", None).await.context("creating the default tenant")?;
+    let tenant = store
+        .ensure_tenant("default", None)
+        .await
+        .context("creating the default tenant")?;
     if let Ok(existing) = std::fs::read_to_string(path) {
         let key = existing.trim().to_string();
         let auth = somna_controlplane::auth::Authenticator::new(store.clone());

@@ -36,7 +36,11 @@ async fn spread_uses_every_host_and_pack_fills_one() {
         client.create_sandbox(small()).await.unwrap();
     }
     let placed = hosts_of(&client).await;
-    assert_eq!(placed.len(), 3, "spread: one sandbox per host, got {placed:?}");
+    assert_eq!(
+        placed.len(),
+        3,
+        "spread: one sandbox per host, got {placed:?}"
+    );
     drop(spread);
 
     let pack = cluster(3, &["--policy", "pack"]);
@@ -56,7 +60,11 @@ async fn spread_uses_every_host_and_pack_fills_one() {
         .collect();
     let mut sorted = allocated.clone();
     sorted.sort();
-    assert_eq!(sorted, vec![0, 0, 3], "host ls shows the allocation: {hosts}");
+    assert_eq!(
+        sorted,
+        vec![0, 0, 3],
+        "host ls shows the allocation: {hosts}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,7 +73,14 @@ async fn a_killed_agent_loses_its_sandboxes_and_a_restarted_control_plane_keeps_
     let client = c.client(0).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(client.create_sandbox(small()).await.unwrap().id().to_string());
+        ids.push(
+            client
+                .create_sandbox(small())
+                .await
+                .unwrap()
+                .id()
+                .to_string(),
+        );
     }
     let on_host0: Vec<String> = client
         .list_sandboxes()
@@ -107,7 +122,10 @@ async fn a_killed_agent_loses_its_sandboxes_and_a_restarted_control_plane_keeps_
         }
     })
     .await;
-    assert!(all_usable, "sandboxes not usable after the control plane restarted");
+    assert!(
+        all_usable,
+        "sandboxes not usable after the control plane restarted"
+    );
 
     // Host 0 dies: its sandbox becomes LOST within the heartbeat window,
     // the others stay running and usable.
@@ -132,7 +150,14 @@ async fn a_killed_agent_loses_its_sandboxes_and_a_restarted_control_plane_keeps_
     for id in ids.iter().filter(|id| **id != lost_id) {
         let s = client.sandbox(id).await.unwrap();
         assert_eq!(s.info().state, SandboxState::Running as i32);
-        assert!(client.attach(id).exec(Command::new("true")).await.unwrap().success());
+        assert!(
+            client
+                .attach(id)
+                .exec(Command::new("true"))
+                .await
+                .unwrap()
+                .success()
+        );
     }
     // New sandboxes avoid the lost host.
     let fresh = client.create_sandbox(small()).await.unwrap();
@@ -160,7 +185,10 @@ async fn fifty_concurrent_creates_succeed_or_fail_clearly() {
         match r {
             Ok(id) => created.push(id),
             Err(Error::ResourceExhausted(m)) => {
-                assert!(m.contains("out of vCPUs") || m.contains("out of memory"), "unclear error: {m}")
+                assert!(
+                    m.contains("out of vCPUs") || m.contains("out of memory"),
+                    "unclear error: {m}"
+                )
             }
             Err(other) => panic!("unexpected error: {other:?}"),
         }
@@ -178,6 +206,14 @@ async fn fifty_concurrent_creates_succeed_or_fail_clearly() {
             s.id
         })
         .collect();
-    assert_eq!(listed, created.iter().cloned().collect::<HashSet<_>>(), "listing = successes");
-    assert_eq!(platform.vmm_pids().len(), created.len(), "one VMM per sandbox");
+    assert_eq!(
+        listed,
+        created.iter().cloned().collect::<HashSet<_>>(),
+        "listing = successes"
+    );
+    assert_eq!(
+        platform.vmm_pids().len(),
+        created.len(),
+        "one VMM per sandbox"
+    );
 }

@@ -14,7 +14,11 @@ async fn registry_images_are_pulled_once_cached_and_protected() {
         "latest",
         "tools/busybox:1",
     );
-    registry.push_layout(&artifacts.image_dir.join("python"), "latest", "lang/python:3");
+    registry.push_layout(
+        &artifacts.image_dir.join("python"),
+        "latest",
+        "lang/python:3",
+    );
     let reference = registry.reference("tools/busybox:1");
 
     let mut opts = Options::new(env!("CARGO_BIN_EXE_somna"));
@@ -92,7 +96,10 @@ async fn registry_images_are_pulled_once_cached_and_protected() {
         .create_sandbox(CreateOptions::new(registry.reference("lang/python:3")))
         .await
         .unwrap();
-    let out = py.exec(Command::from_argv(["python3", "-c", "print(2**100)"])).await.unwrap();
+    let out = py
+        .exec(Command::from_argv(["python3", "-c", "print(2**100)"]))
+        .await
+        .unwrap();
     assert_eq!(out.stdout, b"1267650600228229401496703205376\n");
     py.destroy().await.unwrap();
 

@@ -34,7 +34,9 @@ fn json(platform: &Platform, args: &[&str]) -> Value {
 /// `key:type` for every key of an object, sorted; type is one of
 /// null/bool/number/string/array/object.
 fn shape(v: &Value) -> Vec<String> {
-    let obj = v.as_object().unwrap_or_else(|| panic!("not an object: {v}"));
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"));
     let mut keys: Vec<String> = obj
         .iter()
         .map(|(k, v)| {
@@ -104,8 +106,16 @@ fn json_output_shapes() {
     let created = json(
         &platform,
         &[
-            "sandbox", "create", "--image", "busybox", "--env", "A=1", "--label", "team=blue",
-            "--memory", "256",
+            "sandbox",
+            "create",
+            "--image",
+            "busybox",
+            "--env",
+            "A=1",
+            "--label",
+            "team=blue",
+            "--memory",
+            "256",
         ],
     );
     assert_eq!(shape(&created), golden(SANDBOX), "{created}");
@@ -129,7 +139,16 @@ fn json_output_shapes() {
     // exec --json: the whole result in one object, exit code passed on.
     let out = run(
         &platform,
-        &["--json", "sandbox", "exec", &id, "--", "sh", "-c", "echo hi; echo err >&2; exit 4"],
+        &[
+            "--json",
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo err >&2; exit 4",
+        ],
     );
     assert_eq!(out.status.code(), Some(4));
     let exec: Value = serde_json::from_slice(&out.stdout).expect("exec --json");
@@ -145,18 +164,35 @@ fn json_output_shapes() {
             "timed_out:bool",
         ])
     );
-    assert_eq!((exec["stdout"].as_str(), exec["stderr"].as_str()), (Some("hi\n"), Some("err\n")));
+    assert_eq!(
+        (exec["stdout"].as_str(), exec["stderr"].as_str()),
+        (Some("hi\n"), Some("err\n"))
+    );
 
     let timed = json(&platform, &["sandbox", "set-timeout", &id, "600"]);
-    assert_eq!(shape(&timed), sandbox_shape_with(&[("expires_at", "string")]));
+    assert_eq!(
+        shape(&timed),
+        sandbox_shape_with(&[("expires_at", "string")])
+    );
     let untimed = json(&platform, &["sandbox", "set-timeout", &id, "0"]);
     assert_eq!(shape(&untimed), golden(SANDBOX));
 
     let local = tmp.path().join("f.txt");
     std::fs::write(&local, b"12345").expect("write");
-    let cp = json(&platform, &["sandbox", "cp", local.to_str().expect("utf8"), &format!("{id}:/tmp/f.txt")]);
+    let cp = json(
+        &platform,
+        &[
+            "sandbox",
+            "cp",
+            local.to_str().expect("utf8"),
+            &format!("{id}:/tmp/f.txt"),
+        ],
+    );
     assert_eq!(shape(&cp), golden(&["bytes:number", "files:number"]));
-    assert_eq!((cp["bytes"].as_u64(), cp["files"].as_u64()), (Some(5), Some(1)));
+    assert_eq!(
+        (cp["bytes"].as_u64(), cp["files"].as_u64()),
+        (Some(5), Some(1))
+    );
 
     let slept = json(&platform, &["sandbox", "sleep", &id]);
     assert_eq!(slept["state"], "sleeping");
@@ -176,9 +212,16 @@ fn json_output_shapes() {
         golden(&[
             "accelerator:string",
             "accelerator_reason:string",
+            "cached_images:array",
+            "capabilities:array",
+            "cpus:number",
+            "cpus_allocated:number",
             "id:string",
+            "memory_allocated_mib:number",
+            "memory_mib:number",
             "sandboxes_running:number",
             "sandboxes_sleeping:number",
+            "state:string",
             "templates:array",
             "vmm:string",
             "warm_pools:array",
@@ -211,8 +254,13 @@ fn json_output_shapes() {
     let out = run(
         &platform,
         &[
-            "--json", "doctor", "--no-kvm-probe", "--guest-dir", &guest,
-            "--data-dir", tmp.path().to_str().expect("utf8"),
+            "--json",
+            "doctor",
+            "--no-kvm-probe",
+            "--guest-dir",
+            &guest,
+            "--data-dir",
+            tmp.path().to_str().expect("utf8"),
         ],
     );
     let doctor: Value = serde_json::from_slice(&out.stdout).expect("doctor --json");
@@ -220,15 +268,40 @@ fn json_output_shapes() {
     assert_eq!(out.status.success(), doctor["ok"] == true);
     let checks = doctor["checks"].as_array().expect("checks");
     let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
-    for want in ["qemu", "cloud-hypervisor", "kvm", "guest-artifacts", "vhost-vsock", "btf", "bpf", "cgroups", "disk", "api"] {
-        assert!(names.contains(&want), "doctor has no {want} check: {names:?}");
+    for want in [
+        "qemu",
+        "cloud-hypervisor",
+        "kvm",
+        "guest-artifacts",
+        "vhost-vsock",
+        "btf",
+        "bpf",
+        "cgroups",
+        "disk",
+        "api",
+    ] {
+        assert!(
+            names.contains(&want),
+            "doctor has no {want} check: {names:?}"
+        );
     }
     for c in checks {
-        let keys: Vec<&str> = c.as_object().expect("check").keys().map(String::as_str).collect();
+        let keys: Vec<&str> = c
+            .as_object()
+            .expect("check")
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(keys.len(), 4, "{c}");
-        assert!(["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap_or("")), "{c}");
+        assert!(
+            ["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap_or("")),
+            "{c}"
+        );
         if c["status"] != "ok" {
-            assert!(c["fix"].as_str().is_some_and(|f| !f.is_empty()), "no fix: {c}");
+            assert!(
+                c["fix"].as_str().is_some_and(|f| !f.is_empty()),
+                "no fix: {c}"
+            );
         }
     }
     let by_name = |n: &str| checks.iter().find(|c| c["name"] == n).expect("check");
@@ -251,7 +324,11 @@ fn completions_for_every_shell() {
             .args(["completions", shell])
             .output()
             .expect("run somna completions");
-        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let script = String::from_utf8_lossy(&out.stdout);
         for word in ["sandbox", "doctor", "mcp", "json"] {
             assert!(script.contains(word), "{shell} completions lack {word}");

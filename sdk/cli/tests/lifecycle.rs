@@ -88,8 +88,15 @@ async fn restart_after_sigkill_reaps_orphaned_vms() {
     // The store remembers the sandbox; its VM is gone, and it says so.
     match client.sandbox(sb.id()).await {
         Ok(s) => {
-            assert_eq!(s.info().state, somna_sdk::proto::SandboxState::Failed as i32);
-            assert!(s.info().failure.contains("no longer has it"), "{}", s.info().failure);
+            assert_eq!(
+                s.info().state,
+                somna_sdk::proto::SandboxState::Failed as i32
+            );
+            assert!(
+                s.info().failure.contains("no longer has it"),
+                "{}",
+                s.info().failure
+            );
         }
         Err(e) => panic!("the sandbox was forgotten: {e:?}"),
     }
@@ -250,7 +257,9 @@ async fn sandbox_timeout_destroys_it() {
         platform
             .vmm_pids()
             .iter()
-            .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().replace('\0', " "))
+            .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " "))
             .collect::<Vec<_>>()
     );
 }

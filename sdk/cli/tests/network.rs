@@ -247,7 +247,11 @@ async fn network_traffic_keeps_a_sandbox_awake() {
     assert!(last_tx > 0, "the background process sent traffic");
 
     let out = sb
-        .exec(Command::from_argv(["sh", "-c", "kill $(cat /tmp/talker.pid)"]))
+        .exec(Command::from_argv([
+            "sh",
+            "-c",
+            "kill $(cat /tmp/talker.pid)",
+        ]))
         .await
         .unwrap();
     assert_eq!(out.exit_code, 0);

@@ -237,7 +237,10 @@ async fn template_clones_have_their_own_identity() {
         }
     })
     .await;
-    assert!(reported, "the host did not report one template with 10 clones");
+    assert!(
+        reported,
+        "the host did not report one template with 10 clones"
+    );
 
     // A clone sleeps (its RAM goes into the snapshot stream), wakes into
     // a memory file of its own, and sleeps and wakes again.

@@ -182,8 +182,9 @@ fn tool_defs() -> [ToolDef; 8] {
             description: "Create a new sandbox (an isolated Linux microVM) and make it this \
                 session's sandbox: later calls without sandbox_id use it. Optional: you do not \
                 need it before run_code or exec_command, which create a default sandbox (image \
-                python) when the session has none. Use it to pick the image, CPUs, memory or \
-                environment variables. Returns the sandbox_id.",
+                python) when the session has none (clients without an MCP session must call \
+                it and pass its sandbox_id to every call). Use it to pick the image, CPUs, \
+                memory or environment variables. Returns the sandbox_id.",
             schema: schema_for_type::<CreateSandboxArgs>,
             read_only: false,
             destructive: false,
@@ -369,9 +370,7 @@ fn parse<T: DeserializeOwned + JsonSchema + 'static>(
 fn timeout_arg(given: Option<u64>, default: Duration) -> Result<Duration, Failure> {
     match given {
         None => Ok(default),
-        Some(0) => Err(Failure(
-            "timeout_seconds must be at least 1".to_string(),
-        )),
+        Some(0) => Err(Failure("timeout_seconds must be at least 1".to_string())),
         Some(s) if s > MAX_EXEC_SECONDS => Err(Failure(format!(
             "timeout_seconds must be at most {MAX_EXEC_SECONDS}"
         ))),
@@ -429,7 +428,9 @@ impl Ctx<'_> {
             .label(CREATED_BY.0, CREATED_BY.1)
     }
 
-    /// The named sandbox, else the session's, else (with `create`) a new one.
+    /// The named sandbox, else the session's, else (with `create`, in a
+    /// session) a new one. A client without a session must name it: a
+    /// sandbox made for one call could never be found again.
     async fn target(&self, given: Option<String>, create: bool) -> Result<Target, Failure> {
         let id = match given {
             Some(id) => Some(non_empty("sandbox_id", &id)?.trim().to_string()),
@@ -443,7 +444,7 @@ impl Ctx<'_> {
                 created: false,
             });
         }
-        if !create {
+        if !create || self.stateless {
             return Err(Failure(if self.stateless {
                 "no sandbox_id given: this client has no MCP session, so pass the sandbox_id \
                  that create_sandbox returned"
@@ -561,12 +562,20 @@ impl Ctx<'_> {
             text.push_str(&format!("\nmessage: {}", out.message));
         }
         text.push_str("\n--- stdout ---\n");
-        text.push_str(if stdout.is_empty() { "(empty)" } else { &stdout });
+        text.push_str(if stdout.is_empty() {
+            "(empty)"
+        } else {
+            &stdout
+        });
         if !stdout.is_empty() && !stdout.ends_with('\n') {
             text.push('\n');
         }
         text.push_str("--- stderr ---\n");
-        text.push_str(if stderr.is_empty() { "(empty)" } else { &stderr });
+        text.push_str(if stderr.is_empty() {
+            "(empty)"
+        } else {
+            &stderr
+        });
         let structured = json!({
             "sandbox_id": id,
             "exit_code": out.exit_code,
@@ -668,12 +677,17 @@ impl Ctx<'_> {
         let more = end < info.size;
         let encoding = a.encoding.unwrap_or_default();
         let (content, note) = match encoding {
-            Encoding::Base64 => (base64::engine::general_purpose::STANDARD.encode(&data), None),
+            Encoding::Base64 => (
+                base64::engine::general_purpose::STANDARD.encode(&data),
+                None,
+            ),
             Encoding::Utf8 => match String::from_utf8(data) {
                 Ok(s) => (s, None),
                 Err(e) => (
                     String::from_utf8_lossy(e.as_bytes()).into_owned(),
-                    Some("the file is not valid UTF-8 (bad bytes are shown as \u{fffd}); read it with encoding base64 for the exact bytes"),
+                    Some(
+                        "the file is not valid UTF-8 (bad bytes are shown as \u{fffd}); read it with encoding base64 for the exact bytes",
+                    ),
                 ),
             },
         };
@@ -706,7 +720,10 @@ impl Ctx<'_> {
     }
 
     async fn list_files(&self, a: ListFilesArgs) -> Outcome {
-        let path = a.path.filter(|p| !p.trim().is_empty()).unwrap_or_else(|| "/".into());
+        let path = a
+            .path
+            .filter(|p| !p.trim().is_empty())
+            .unwrap_or_else(|| "/".into());
         let target = self.target(a.sandbox_id, false).await?;
         let id = target.sandbox.id().to_string();
         let mut entries = target
@@ -730,7 +747,11 @@ impl Ctx<'_> {
                 e.size,
                 e.mode,
                 e.name,
-                if e.r#type() == FileType::Directory { "/" } else { "" },
+                if e.r#type() == FileType::Directory {
+                    "/"
+                } else {
+                    ""
+                },
                 if e.symlink_target.is_empty() {
                     String::new()
                 } else {
@@ -845,7 +866,12 @@ mod tests {
         let tools = definitions();
         assert_eq!(tools.len(), 8);
         for t in &tools {
-            assert_eq!(t.input_schema.get("type"), Some(&json!("object")), "{}", t.name);
+            assert_eq!(
+                t.input_schema.get("type"),
+                Some(&json!("object")),
+                "{}",
+                t.name
+            );
             assert!(t.description.as_ref().is_some_and(|d| d.len() > 40));
         }
         let run = tools.iter().find(|t| t.name == "run_code").unwrap();
@@ -866,16 +892,44 @@ mod tests {
         let cases = [
             ("run_code", json!({}), "missing field `code`"),
             ("run_code", json!({"code": 42}), "invalid type"),
-            ("run_code", json!({"code": "1", "language": "ruby"}), "unknown variant `ruby`"),
-            ("run_code", json!({"code": "1", "bogus": true}), "unknown field `bogus`"),
+            (
+                "run_code",
+                json!({"code": "1", "language": "ruby"}),
+                "unknown variant `ruby`",
+            ),
+            (
+                "run_code",
+                json!({"code": "1", "bogus": true}),
+                "unknown field `bogus`",
+            ),
             ("run_code", json!({"code": "  "}), "code must not be empty"),
-            ("run_code", json!({"code": "1", "timeout_seconds": 0}), "at least 1"),
-            ("run_code", json!({"code": "1", "timeout_seconds": -5}), "invalid value"),
-            ("write_file", json!({"path": "/a"}), "missing field `content`"),
-            ("write_file", json!({"path": "/a", "content": "%%", "encoding": "base64"}), "not valid base64"),
+            (
+                "run_code",
+                json!({"code": "1", "timeout_seconds": 0}),
+                "at least 1",
+            ),
+            (
+                "run_code",
+                json!({"code": "1", "timeout_seconds": -5}),
+                "invalid value",
+            ),
+            (
+                "write_file",
+                json!({"path": "/a"}),
+                "missing field `content`",
+            ),
+            (
+                "write_file",
+                json!({"path": "/a", "content": "%%", "encoding": "base64"}),
+                "not valid base64",
+            ),
             ("read_file", json!({"path": "/etc/hosts"}), "no sandbox yet"),
             ("create_sandbox", json!({"cpus": "many"}), "invalid type"),
-            ("destroy_sandbox", json!({"sandbox_id": ""}), "sandbox_id must not be empty"),
+            (
+                "destroy_sandbox",
+                json!({"sandbox_id": ""}),
+                "sandbox_id must not be empty",
+            ),
         ];
         for (tool, a, want) in cases {
             let r = call(&mcp, tool, args(a.clone()), false).await.unwrap();
@@ -886,7 +940,35 @@ mod tests {
                 assert!(text.contains("It takes"), "{text}");
             }
         }
-        assert!(call(&mcp, "no_such_tool", JsonObject::new(), false).await.is_none());
+        assert!(
+            call(&mcp, "no_such_tool", JsonObject::new(), false)
+                .await
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_session_must_name_its_sandbox() {
+        // Nothing listens on port 1: a sandbox made for a call of a client
+        // without a session could never be found again, so none is made.
+        let config = McpConfig {
+            addr: "http://127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let mcp = McpServer::new(config).session();
+        for (tool, a) in [
+            ("run_code", json!({"code": "print(1)"})),
+            ("exec_command", json!({"command": "true"})),
+            ("read_file", json!({"path": "/etc/hosts"})),
+        ] {
+            let r = call(&mcp, tool, args(a), true).await.unwrap();
+            assert_eq!(r.is_error, Some(true), "{tool}");
+            assert!(
+                text_of(&r).contains("pass the sandbox_id"),
+                "{tool}: {}",
+                text_of(&r)
+            );
+        }
     }
 
     #[tokio::test]
@@ -900,6 +982,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.is_error, Some(true));
-        assert!(text_of(&r).contains("cannot connect to Somna"), "{}", text_of(&r));
+        assert!(
+            text_of(&r).contains("cannot connect to Somna"),
+            "{}",
+            text_of(&r)
+        );
     }
 }

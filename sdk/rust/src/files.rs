@@ -265,7 +265,12 @@ impl Sandbox {
         Ok(stats)
     }
 
-    async fn upload_file(&self, local: &Path, remote: &str, meta: &std::fs::Metadata) -> Result<u64> {
+    async fn upload_file(
+        &self,
+        local: &Path,
+        remote: &str,
+        meta: &std::fs::Metadata,
+    ) -> Result<u64> {
         use std::os::unix::fs::PermissionsExt;
         let file = tokio::fs::File::open(local)
             .await

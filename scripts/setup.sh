@@ -48,8 +48,15 @@ rustc_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
 [ "$rustc_minor" -ge 95 ] || die "Rust $(rustc --version) is too old: Somna needs 1.95 or newer"
 
 # --- build ---------------------------------------------------------------------
-step "cargo build --release (somna, somna-mkimage)"
-cargo build --release --locked -q -p somna-cli -p somna-images --bins
+if [ "$mode" = test ]; then
+  # The test build enables the features of every crate and dev-dependency;
+  # building the binaries apart first would compile most crates twice.
+  step "cargo test --release --workspace --no-run (also builds somna, somna-mkimage)"
+  cargo test --release --locked -q --workspace --no-run
+else
+  step "cargo build --release (somna, somna-mkimage)"
+  cargo build --release --locked -q -p somna-cli -p somna-images --bins
+fi
 step "cargo build --release (static guest agent)"
 # --target keeps crt-static off build scripts and proc-macros.
 RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \

@@ -85,3 +85,18 @@ def test_invalid_arguments(client: somna.Client, sbx: Sandbox) -> None:
     with pytest.raises(somna.SomnaError) as e2:
         Sandbox.create(image="no-such-image-xyz", client=client)
     assert "no-such-image-xyz" in str(e2.value)
+
+
+def test_network_policy_arguments_and_a_host_without_networking(client: somna.Client, sbx: Sandbox) -> None:
+    # A bad CIDR: the server names the field, before any VM starts.
+    with pytest.raises(somna.InvalidArgumentError) as e:
+        Sandbox.create(image="busybox", allow_out=["10.0.0.0/33"], client=client)
+    assert "allow_out" in str(e.value)
+    with pytest.raises(somna.InvalidArgumentError):
+        Sandbox.create(image="busybox", deny_out="10.0.0.0/8", client=client)  # type: ignore[arg-type]
+    # The test platform runs without --network: sandboxes have no network
+    # device, so there is no policy to change.
+    assert sbx.info.network_policy is None
+    with pytest.raises(somna.FailedPreconditionError) as e2:
+        sbx.update_network(no_internet=True, allow_out=["10.1.0.0/16"])
+    assert "--network" in str(e2.value)

@@ -37,7 +37,7 @@ from .errors import (
     UnimplementedError,
 )
 from .sandbox import Client, Files, Process, Sandbox
-from .types import ExecResult, FileInfo, SandboxInfo, TransferStats
+from .types import ExecResult, FileInfo, NetworkPolicy, SandboxInfo, TransferStats
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "ExecResult",
     "FileInfo",
     "SandboxInfo",
+    "NetworkPolicy",
     "TransferStats",
     "SomnaError",
     "ApiError",

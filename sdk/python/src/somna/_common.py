@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import grpc
 
 from . import errors
-from .types import ExecResult, FileInfo, SandboxInfo
+from .types import ExecResult, FileInfo, NetworkPolicy, SandboxInfo
 from .v1 import files_pb2, process_pb2, sandbox_pb2
 
 DEFAULT_ADDR = "http://127.0.0.1:7477"
@@ -206,6 +206,15 @@ def sandbox_info(s: Any) -> SandboxInfo:
         last_active_at=_time(s, "last_active_at"),
         sleep_count=s.sleep_count,
         wake_count=s.wake_count,
+        network_policy=(
+            NetworkPolicy(
+                no_internet=s.network_policy.no_internet,
+                allow_out=list(s.network_policy.allow_out),
+                deny_out=list(s.network_policy.deny_out),
+            )
+            if has_field(type(s), "network_policy") and s.HasField("network_policy")
+            else None
+        ),
     )
 
 
@@ -272,6 +281,9 @@ def create_request(
     labels: Optional[Mapping[str, str]],
     start_mode: str,
     request_id: Optional[str],
+    no_internet: bool = False,
+    allow_out: Optional[Sequence[str]] = None,
+    deny_out: Optional[Sequence[str]] = None,
 ) -> Any:
     if not isinstance(image, str) or not image.strip():
         raise errors.InvalidArgumentError("image must be a non-empty image reference, e.g. 'python'")
@@ -298,7 +310,34 @@ def create_request(
         if not has_field(sandbox_pb2.CreateSandboxRequest, "request_id"):
             raise errors.UnimplementedError("this SDK was built from protos without request ids")
         req.request_id = request_id
+    req.no_internet = bool(no_internet)
+    req.allow_out.extend(_cidrs("allow_out", allow_out))
+    req.deny_out.extend(_cidrs("deny_out", deny_out))
     return req
+
+
+def _cidrs(name: str, value: Optional[Sequence[str]]) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise errors.InvalidArgumentError(f"{name} must be a list of IPv4 CIDR strings, e.g. ['10.0.0.0/8']")
+    return list(value)
+
+
+def update_network_request(
+    sandbox_id: str,
+    no_internet: bool,
+    allow_out: Optional[Sequence[str]],
+    deny_out: Optional[Sequence[str]],
+) -> Any:
+    return sandbox_pb2.UpdateSandboxNetworkRequest(
+        id=sandbox_id,
+        policy=sandbox_pb2.NetworkPolicy(
+            no_internet=bool(no_internet),
+            allow_out=_cidrs("allow_out", allow_out),
+            deny_out=_cidrs("deny_out", deny_out),
+        ),
+    )
 
 
 def list_request(labels: Optional[Mapping[str, str]], page_token: str) -> Any:

@@ -19,7 +19,7 @@ import os
 import stat as _stat
 import weakref
 from pathlib import Path
-from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 import grpc.aio
@@ -376,6 +376,9 @@ class AsyncSandbox:
         labels: Optional[Mapping[str, str]] = None,
         start_mode: str = "auto",
         request_id: Optional[str] = None,
+        no_internet: bool = False,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
         client: Optional[AsyncClient] = None,
         addr: Optional[str] = None,
         api_key: Optional[str] = None,
@@ -383,7 +386,10 @@ class AsyncSandbox:
     ) -> "AsyncSandbox":
         """Creates a sandbox; see :meth:`somna.Sandbox.create`."""
         cl = _client(client, addr, api_key, request_timeout)
-        req = c.create_request(image, cpus, memory, disk, env, timeout, idle_timeout, labels, start_mode, request_id)
+        req = c.create_request(
+            image, cpus, memory, disk, env, timeout, idle_timeout, labels, start_mode, request_id,
+            no_internet, allow_out, deny_out,
+        )
         return cls(c.sandbox_info(await cl.call("CreateSandbox", req)), cl)
 
     @classmethod
@@ -440,6 +446,18 @@ class AsyncSandbox:
 
     async def set_timeout(self, timeout: Optional[float]) -> SandboxInfo:
         self._info = c.sandbox_info(await self._call("SetSandboxTimeout", c.set_timeout_request(self.id, timeout)))
+        return self._info
+
+    async def update_network(
+        self,
+        *,
+        no_internet: bool = False,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+    ) -> SandboxInfo:
+        """Replaces the network policy; see :meth:`somna.Sandbox.update_network`."""
+        req = c.update_network_request(self.id, no_internet, allow_out, deny_out)
+        self._info = c.sandbox_info(await self._call("UpdateSandboxNetwork", req))
         return self._info
 
     async def destroy(self) -> None:

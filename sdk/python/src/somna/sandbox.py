@@ -8,7 +8,7 @@ import queue
 import stat as _stat
 import threading
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -439,6 +439,9 @@ class Sandbox:
         labels: Optional[Mapping[str, str]] = None,
         start_mode: str = "auto",
         request_id: Optional[str] = None,
+        no_internet: bool = False,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
         client: Optional[Client] = None,
         addr: Optional[str] = None,
         api_key: Optional[str] = None,
@@ -461,6 +464,11 @@ class Sandbox:
                 ``"warm-pool"``.
             request_id: Makes retries safe: a second create with the same id
                 returns the first one's sandbox.
+            no_internet: No internet access (hosts running with networking;
+                elsewhere sandboxes have no network device).
+            allow_out: IPv4 CIDRs allowed even without internet or in
+                private ranges.
+            deny_out: IPv4 CIDRs denied.
             client: The :class:`Client` to use (default: a shared one for
                 ``addr``/``api_key``/``request_timeout``).
 
@@ -471,7 +479,10 @@ class Sandbox:
             SomnaConnectionError: No server at the address.
         """
         cl = _client(client, addr, api_key, request_timeout)
-        req = c.create_request(image, cpus, memory, disk, env, timeout, idle_timeout, labels, start_mode, request_id)
+        req = c.create_request(
+            image, cpus, memory, disk, env, timeout, idle_timeout, labels, start_mode, request_id,
+            no_internet, allow_out, deny_out,
+        )
         return cls(c.sandbox_info(cl.call("CreateSandbox", req)), cl)
 
     @classmethod
@@ -560,6 +571,24 @@ class Sandbox:
             UnimplementedError: The server does not support it yet.
         """
         self._info = c.sandbox_info(self._call("SetSandboxTimeout", c.set_timeout_request(self.id, timeout)))
+        return self._info
+
+    def update_network(
+        self,
+        *,
+        no_internet: bool = False,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+    ) -> SandboxInfo:
+        """Replaces the sandbox's network policy; a running VM gets it at once.
+
+        Raises:
+            InvalidArgumentError: A bad CIDR, or one in both lists (the
+                message names the field).
+            FailedPreconditionError: Its host runs without networking.
+        """
+        req = c.update_network_request(self.id, no_internet, allow_out, deny_out)
+        self._info = c.sandbox_info(self._call("UpdateSandboxNetwork", req))
         return self._info
 
     def destroy(self) -> None:

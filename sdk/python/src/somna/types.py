@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 __all__ = ["SandboxInfo", "ExecResult", "FileInfo", "TransferStats"]
 
@@ -35,6 +35,8 @@ class SandboxInfo:
         last_active_at: Last exec or file activity.
         sleep_count: Times it was put to sleep.
         wake_count: Times it was woken.
+        network_policy: Where it may send traffic (``None`` on hosts running
+            without networking).
     """
 
     id: str
@@ -57,6 +59,23 @@ class SandboxInfo:
     last_active_at: Optional[_dt.datetime] = None
     sleep_count: int = 0
     wake_count: int = 0
+    network_policy: Optional["NetworkPolicy"] = None
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Where a sandbox may send traffic (hosts running with ``--network``).
+
+    Attributes:
+        no_internet: No internet access.
+        allow_out: IPv4 CIDRs allowed even without internet or in private
+            ranges.
+        deny_out: IPv4 CIDRs denied.
+    """
+
+    no_internet: bool = False
+    allow_out: List[str] = field(default_factory=list)
+    deny_out: List[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "somna/v1/sandbox.proto",
         "somna/v1/hosts.proto",
         "somna/v1/images.proto",
+        "somna/v1/apps.proto",
         "somna/host/v1/host.proto",
         "somna/guest/v1/guest.proto",
     ];

@@ -17,6 +17,11 @@ use tonic::Status;
 
 pub type StatusStream<T> = BoxStream<'static, Result<T, Status>>;
 
+/// A byte stream to a TCP port of a sandbox (the ingress's upstream).
+pub trait PortIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> PortIo for T {}
+pub type PortStream = Box<dyn PortIo>;
+
 #[async_trait]
 pub trait Host: Send + Sync + 'static {
     /// The host's name.
@@ -38,6 +43,25 @@ pub trait Host: Send + Sync + 'static {
         id: &str,
         policy: somna_proto::v1::NetworkPolicy,
     ) -> Result<Sandbox, Status>;
+    /// Opens a connection to an exposed TCP `port` of sandbox `id`, waking
+    /// it first if it sleeps; the sandbox counts as active while the
+    /// connection is open.
+    async fn connect_port(&self, id: &str, port: u16) -> Result<PortStream, Status> {
+        let _ = (id, port);
+        Err(Status::unimplemented(format!(
+            "host {} cannot open connections to sandbox ports",
+            self.id()
+        )))
+    }
+    /// A health-check connection to an exposed port: not counted as
+    /// activity, and None while the sandbox sleeps (it is never woken).
+    async fn health_connect(&self, id: &str, port: u16) -> Result<Option<PortStream>, Status> {
+        let _ = (id, port);
+        Err(Status::unimplemented(format!(
+            "host {} cannot health-check sandbox ports",
+            self.id()
+        )))
+    }
     /// The host's state: accelerator, counts, templates, warm pools.
     async fn info(&self) -> Result<somna_proto::v1::Host, Status>;
 

@@ -7,9 +7,11 @@
 //! agents: in-process for `somna up`, or agents that dial in and serve the
 //! host protocol over their connection ([`tunnel`], [`remote`]), optionally
 //! inside mutual TLS ([`tls`]). Hosts are
-//! reached through the [`Host`] trait.
+//! reached through the [`Host`] trait. Apps (replica sandboxes behind the
+//! HTTP ingress, scaled to zero and woken on request) live in [`apps`].
 
 mod api;
+pub mod apps;
 pub mod auth;
 mod host;
 mod hosts;
@@ -24,7 +26,8 @@ pub mod validate;
 
 use std::future::Future;
 
-pub use host::{Host, StatusStream};
+pub use apps::ingress::{IngressConfig, serve_ingress};
+pub use host::{Host, PortIo, PortStream, StatusStream};
 pub use remote::{RemoteHost, host_agent_service};
 pub use service::{ControlPlane, ControlPlaneConfig};
 
@@ -45,6 +48,7 @@ pub async fn serve(
         .add_service(control_plane.service())
         .add_service(control_plane.hosts_service())
         .add_service(control_plane.images_service())
+        .add_service(control_plane.apps_service())
         .serve_with_incoming_shutdown(
             // Nagle's algorithm would hold small exec frames for up to 40 ms.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -47,6 +47,7 @@ pub(crate) fn spawn(cp: &ControlPlane) {
             if leadership.is_some() {
                 expire(&cp).await;
                 detect_lost_hosts(&cp).await;
+                cp.tend_apps().await;
             }
             drop(cp);
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -62,6 +62,7 @@ pub(crate) struct Inner {
     pub auth: Authenticator,
     pub hosts: HostRegistry,
     pub config: ControlPlaneConfig,
+    pub apps: crate::apps::Runtime,
 }
 
 /// The control plane. Clone it freely; clones share state.
@@ -97,7 +98,7 @@ pub(crate) fn state_from_name(s: &str) -> SandboxState {
     }
 }
 
-fn store_err(e: StoreError) -> Status {
+pub(crate) fn store_err(e: StoreError) -> Status {
     Status::unavailable(format!("{e}"))
 }
 
@@ -132,6 +133,7 @@ impl ControlPlane {
                 store,
                 hosts: HostRegistry::default(),
                 config,
+                apps: crate::apps::Runtime::default(),
             }),
         };
         crate::lifecycle::spawn(&cp);
@@ -177,7 +179,7 @@ impl ControlPlane {
     }
 
     /// The caller's sandbox `id`, or NOT_FOUND (also for other tenants').
-    async fn row(&self, caller: &Caller, id: &str) -> Result<SandboxRow, Status> {
+    pub(crate) async fn row(&self, caller: &Caller, id: &str) -> Result<SandboxRow, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("sandbox_id is required"));
         }
@@ -190,7 +192,7 @@ impl ControlPlane {
     }
 
     /// The host serving a sandbox, for calls that need the VM.
-    async fn route(
+    pub(crate) async fn route(
         &self,
         caller: &Caller,
         id: &str,
@@ -237,7 +239,7 @@ impl ControlPlane {
         row.record.labels = labels;
     }
 
-    async fn save(&self, row: &SandboxRow) -> Result<(), Status> {
+    pub(crate) async fn save(&self, row: &SandboxRow) -> Result<(), Status> {
         self.inner
             .store
             .update_sandbox(row)
@@ -313,63 +315,13 @@ impl ControlPlane {
             .map_err(store_err)
     }
 
-    /// Destroys every sandbox placed on `host_id` (shutdown of `somna up`).
-    pub async fn destroy_all_on(&self, host_id: &str) {
-        let Ok(rows) = self.inner.store.sandboxes_on_host(host_id).await else {
-            return;
-        };
-        for row in rows {
-            let id = row.id.clone();
-            if let Err(e) = self.destroy_row(row).await {
-                warn!(%id, error = %e.message(), "destroy at shutdown failed");
-            }
-        }
-    }
-}
-
-/// `busybox` and `busybox:latest` are the same image for locality.
-fn normalize_image(r: &str) -> String {
-    let last = r.rsplit('/').next().unwrap_or(r);
-    if last.contains(':') || r.contains('@') {
-        r.to_string()
-    } else {
-        format!("{r}:latest")
-    }
-}
-
-/// Takes the first message of a client stream, which must be of the
-/// variant `pick` accepts; the rest of the stream ends at the first error.
-pub(crate) async fn split_first<M: Send + 'static, F: Send + 'static>(
-    mut stream: Streaming<M>,
-    what: &str,
-    pick: impl FnOnce(M) -> Option<F>,
-) -> Result<(F, BoxStream<'static, M>), Status> {
-    let first = stream.message().await?.ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "{what} stream is empty; send the start message first"
-        ))
-    })?;
-    let start = pick(first).ok_or_else(|| {
-        Status::invalid_argument(format!("the first {what} message must be start"))
-    })?;
-    let rest = stream
-        .take_while(|r| futures::future::ready(r.is_ok()))
-        .filter_map(|r| futures::future::ready(r.ok()))
-        .boxed();
-    Ok((start, rest))
-}
-
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-
-#[tonic::async_trait]
-impl Sandboxes for ControlPlane {
-    async fn create_sandbox(
+    /// Creates a sandbox for `caller`: validation, idempotency, quotas,
+    /// placement, the row, then the host.
+    pub(crate) async fn create_for(
         &self,
-        request: Request<CreateSandboxRequest>,
-    ) -> Result<Response<Sandbox>, Status> {
-        let caller = self.caller(&request).await?;
-        let mut req = request.into_inner();
+        caller: &Caller,
+        mut req: CreateSandboxRequest,
+    ) -> Result<Sandbox, Status> {
         validate::create(&req)?;
         let c = &self.inner.config;
         if req.cpus == 0 {
@@ -389,7 +341,7 @@ impl Sandboxes for ControlPlane {
                 .await
                 .map_err(store_err)?
         {
-            return Ok(Response::new(Self::view(&existing)));
+            return Ok(Self::view(&existing));
         }
         let tenant = store
             .tenant(&caller.tenant_id)
@@ -474,13 +426,13 @@ impl Sandboxes for ControlPlane {
                 .ok_or_else(|| {
                     Status::aborted("a concurrent create with this request id failed; retry")
                 })?;
-            return Ok(Response::new(Self::view(&existing)));
+            return Ok(Self::view(&existing));
         };
         match host.create_sandbox(&id, req).await {
             Ok(record) => {
                 Self::absorb(&mut row, record);
                 self.save(&row).await?;
-                Ok(Response::new(Self::view(&row)))
+                Ok(Self::view(&row))
             }
             Err(e) => {
                 if let Err(del) = store.delete_sandbox(&id).await {
@@ -489,6 +441,67 @@ impl Sandboxes for ControlPlane {
                 Err(e)
             }
         }
+    }
+
+    /// Destroys every sandbox placed on `host_id` (shutdown of `somna up`).
+    pub async fn destroy_all_on(&self, host_id: &str) {
+        let Ok(rows) = self.inner.store.sandboxes_on_host(host_id).await else {
+            return;
+        };
+        for row in rows {
+            let id = row.id.clone();
+            if let Err(e) = self.destroy_row(row).await {
+                warn!(%id, error = %e.message(), "destroy at shutdown failed");
+            }
+        }
+    }
+}
+
+/// `busybox` and `busybox:latest` are the same image for locality.
+fn normalize_image(r: &str) -> String {
+    let last = r.rsplit('/').next().unwrap_or(r);
+    if last.contains(':') || r.contains('@') {
+        r.to_string()
+    } else {
+        format!("{r}:latest")
+    }
+}
+
+/// Takes the first message of a client stream, which must be of the
+/// variant `pick` accepts; the rest of the stream ends at the first error.
+pub(crate) async fn split_first<M: Send + 'static, F: Send + 'static>(
+    mut stream: Streaming<M>,
+    what: &str,
+    pick: impl FnOnce(M) -> Option<F>,
+) -> Result<(F, BoxStream<'static, M>), Status> {
+    let first = stream.message().await?.ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "{what} stream is empty; send the start message first"
+        ))
+    })?;
+    let start = pick(first).ok_or_else(|| {
+        Status::invalid_argument(format!("the first {what} message must be start"))
+    })?;
+    let rest = stream
+        .take_while(|r| futures::future::ready(r.is_ok()))
+        .filter_map(|r| futures::future::ready(r.ok()))
+        .boxed();
+    Ok((start, rest))
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+#[tonic::async_trait]
+impl Sandboxes for ControlPlane {
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<Sandbox>, Status> {
+        let caller = self.caller(&request).await?;
+        Ok(Response::new(
+            self.create_for(&caller, request.into_inner()).await?,
+        ))
     }
 
     async fn get_sandbox(

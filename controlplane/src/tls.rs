@@ -92,6 +92,18 @@ pub fn acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError>
 
 /// The agent's side: verifies the control plane against `files.ca` and
 /// presents the agent's certificate.
+/// A plain TLS server config (no client certificates) from a certificate
+/// chain and its key (PEM): the ingress's HTTPS.
+pub fn server_config(cert: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert, "certificates")?, key(key_path)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
 pub fn connector(files: &TlsFiles) -> Result<tokio_rustls::TlsConnector, TlsError> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

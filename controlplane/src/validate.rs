@@ -35,13 +35,30 @@ pub fn create(r: &CreateSandboxRequest) -> Result<(), Status> {
             "must be at most 128 printable characters",
         ));
     }
-    for k in r.env.keys() {
+    env(&r.env)?;
+    for &p in &r.expose_ports {
+        port("expose_ports", p)?;
+    }
+    Ok(())
+}
+
+/// Environment variable names: not empty, no '=' or NUL.
+pub fn env(env: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    for k in env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(invalid(
                 "env",
                 format!("{k:?} is not a valid variable name"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A TCP port: 1-65535.
+pub fn port(field: &str, p: u32) -> Result<(), Status> {
+    if p == 0 || p > 65535 {
+        return Err(invalid(field, format!("{p} is not a TCP port (1-65535)")));
     }
     Ok(())
 }

@@ -27,13 +27,14 @@ impl Agent {
         mut start: ExecStart,
         rest: BoxStream<'static, ExecRequest>,
     ) -> Result<StatusStream<ExecResponse>, AgentError> {
+        let sandbox = self.lookup(&start.sandbox_id)?;
+        sandbox.apply_exec_defaults(&mut start);
         if start.argv.is_empty() || start.argv[0].is_empty() {
             return Err(AgentError::InvalidArgument(
-                "exec needs a command (argv is empty)".into(),
+                "exec needs a command: argv is empty and the image has no Entrypoint or Cmd".into(),
             ));
         }
         let (sandbox, live) = self.awake(&start.sandbox_id).await?;
-        sandbox.apply_exec_defaults(&mut start);
         let id = start.sandbox_id.clone();
         let guard = sandbox.activity.begin();
         let mut epoch = sandbox.epoch.subscribe();

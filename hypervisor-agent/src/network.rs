@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use somna_netd::{Counters, EgressPolicy, ErrorKind, NetError, Netd, NetdConfig, SlotId};
+use somna_netd::{Counters, EgressPolicy, ErrorKind, NetError, Netd, NetdConfig, Slot, SlotId};
 use tracing::{info, warn};
 
 use crate::error::AgentError;
@@ -77,6 +77,14 @@ impl HostNetwork {
 
     /// Checks a sandbox's policy against this host (errors name the field).
     pub(crate) fn validate(&self, policy: &EgressPolicy) -> Result<(), AgentError> {
+        if self.netd.is_none() && !policy.exposed_tcp_ports.is_empty() {
+            return Err(AgentError::Network(
+                "exposing ports needs sandbox networking, and this host runs without it; \
+                 start it with --network"
+                    .into(),
+                ErrorKind::FailedPrecondition,
+            ));
+        }
         match &self.netd {
             Some(netd) => netd.validate_policy(policy).map_err(to_agent_error),
             None => policy.validate().map_err(to_agent_error),
@@ -104,6 +112,7 @@ impl HostNetwork {
         Ok(Some(SlotLease {
             netd: netd.clone(),
             id: slot.id,
+            slot,
         }))
     }
 
@@ -144,6 +153,87 @@ impl crate::agent::Agent {
         self.get(id)
     }
 
+    /// Opens a TCP connection to an exposed `port` of the sandbox, waking
+    /// it first if it sleeps (concurrent callers share one wake). The
+    /// connection counts as activity while it is open, so the sandbox does
+    /// not go to sleep under a long request (a stream, a WebSocket).
+    pub async fn connect_port(
+        self: &Arc<Self>,
+        id: &str,
+        port: u16,
+    ) -> Result<PortConnection, AgentError> {
+        let sandbox = self.lookup(id)?;
+        Self::check_exposed(id, &sandbox, port)?;
+        let (sandbox, _live) = self.awake(id).await?;
+        let activity = sandbox.activity.begin();
+        let (_, slot) = sandbox.net.slot().ok_or_else(|| no_slot(id))?;
+        let addr = std::net::SocketAddr::from((slot.sandbox_addr, port));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| AgentError::Io {
+                what: format!("connecting to port {port} of sandbox {id}"),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| AgentError::Io {
+                what: format!("connecting to port {port} of sandbox {id} (is the app listening?)"),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        sandbox.activity.touch();
+        Ok(PortConnection {
+            stream,
+            _activity: ActivityGuard(activity),
+        })
+    }
+
+    /// A health-check connection to an exposed `port`: from netd's
+    /// health-check address, so it is not activity, and only if the VM
+    /// runs (None while it sleeps; a health check never wakes it).
+    pub async fn health_check_connect(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> Result<Option<tokio::net::TcpStream>, AgentError> {
+        let sandbox = self.lookup(id)?;
+        Self::check_exposed(id, &sandbox, port)?;
+        if sandbox.info().state != crate::SandboxState::Running || sandbox.live().is_none() {
+            return Ok(None);
+        }
+        let Some((netd, slot)) = sandbox.net.slot() else {
+            return Ok(None);
+        };
+        let stream = tokio::task::spawn_blocking(move || {
+            netd.health_check_connect(&slot, port, CONNECT_TIMEOUT)
+        })
+        .await
+        .map_err(|e| AgentError::Config(format!("health-check task panicked: {e}")))?
+        .map_err(to_agent_error)?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|source| AgentError::Io {
+                what: "health-check socket".into(),
+                source,
+            })?;
+        let stream = tokio::net::TcpStream::from_std(stream).map_err(|source| AgentError::Io {
+            what: "health-check socket".into(),
+            source,
+        })?;
+        Ok(Some(stream))
+    }
+
+    fn check_exposed(
+        id: &str,
+        sandbox: &crate::sandbox::Sandbox,
+        port: u16,
+    ) -> Result<(), AgentError> {
+        if !sandbox.net.policy().exposed_tcp_ports.contains(&port) {
+            return Err(AgentError::InvalidArgument(format!(
+                "port {port} of sandbox {id} is not exposed (create it with expose_ports)"
+            )));
+        }
+        Ok(())
+    }
+
     /// How long since the sandbox's last network traffic that counts as
     /// activity (health checks do not); None without networking or
     /// before its first packet.
@@ -155,12 +245,65 @@ impl crate::agent::Agent {
     }
 }
 
+/// How long connecting to a guest port may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn no_slot(id: &str) -> AgentError {
+    AgentError::Network(
+        format!("sandbox {id} has no network slot (is the host running with --network?)"),
+        ErrorKind::FailedPrecondition,
+    )
+}
+
+/// An open connection to a sandbox port; the sandbox counts as active
+/// until it is dropped.
+pub struct PortConnection {
+    pub stream: tokio::net::TcpStream,
+    _activity: ActivityGuard,
+}
+
+impl tokio::io::AsyncRead for PortConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PortConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Keeps a sandbox from idling out while held.
+pub struct ActivityGuard(#[allow(dead_code)] crate::sandbox::InflightGuard);
+
 /// A claimed slot; dropping it releases the slot (on a blocking thread,
 /// since the reset runs commands). Drop it only once the VMM has exited:
 /// netd destroys, rather than reuses, a slot whose TAP is still open.
 pub(crate) struct SlotLease {
     netd: Arc<Netd>,
     id: SlotId,
+    slot: Slot,
 }
 
 impl SlotLease {
@@ -255,6 +398,13 @@ impl SandboxNet {
         }
         *lock(&self.policy) = policy;
         Ok(())
+    }
+
+    /// Where the host reaches the running VM's guest (None when no slot).
+    fn slot(&self) -> Option<(Arc<Netd>, Slot)> {
+        lock(&self.slot)
+            .as_ref()
+            .map(|l| (l.netd.clone(), l.slot.clone()))
     }
 
     /// Traffic over the sandbox's life (None without networking).

@@ -240,8 +240,12 @@ impl Sandbox {
 
     /// Fills an exec request's unset fields from the image config and the
     /// sandbox env: env = image Env < sandbox env < request env; cwd = request
-    /// or image WorkingDir or "/"; user = request or image User.
+    /// or image WorkingDir or "/"; user = request or image User; an empty
+    /// argv runs the image's Entrypoint + Cmd.
     pub(crate) fn apply_exec_defaults(&self, start: &mut ExecStart) {
+        if start.argv.is_empty() {
+            start.argv = self.image_config.default_argv();
+        }
         let info = self.info();
         let mut env: BTreeMap<String, String> = self.image_config.env.iter().cloned().collect();
         env.extend(info.env);

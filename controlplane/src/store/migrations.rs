@@ -6,9 +6,10 @@ use sqlx::{AnyPool, Row};
 
 use super::{Backend, StoreError, now_ms};
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE tenants (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE tenants (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         created_ms BIGINT NOT NULL,
@@ -52,7 +53,20 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_ms, id);
     CREATE INDEX sandboxes_by_host ON sandboxes (host_id);
     CREATE INDEX sandboxes_by_expiry ON sandboxes (expires_ms)",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE apps (
+        name TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        version BIGINT NOT NULL,
+        deploys BIGINT NOT NULL,
+        record {BLOB} NOT NULL,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL
+    )",
+    ),
+];
 
 pub(super) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
     let blob = match backend {

@@ -3,6 +3,7 @@
 //! control-plane replicas on one database), through sqlx's `Any` driver
 //! with SQL that both dialects accept. Migrations are built in.
 
+mod apps;
 mod migrations;
 mod rows;
 
@@ -12,6 +13,7 @@ use prost::Message;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+pub use apps::AppRow;
 pub use rows::{HostRow, SandboxRow, Tenant, TenantQuotas};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,10 @@ impl Store {
         };
         migrations::run(&store.pool, backend).await?;
         Ok(store)
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub fn backend(&self) -> Backend {

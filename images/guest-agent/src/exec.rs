@@ -105,8 +105,17 @@ pub async fn exec(
     match &plan.program {
         Lookup::Found(program) => {
             let program = program.clone();
-            match launch(env, &plan, &program) {
-                Ok(running) => {
+            let launched = match &plan.detached_output {
+                Some(output) => {
+                    launch_detached(env, &plan, &program, output).map(Launched::Detached)
+                }
+                None => launch(env, &plan, &program).map(Launched::Attached),
+            };
+            match launched {
+                Ok(Launched::Detached(pid)) => {
+                    tokio::spawn(detached(pid, tx));
+                }
+                Ok(Launched::Attached(running)) => {
                     tokio::spawn(supervise(running, requests, tx));
                 }
                 Err(e) => {
@@ -127,6 +136,12 @@ pub async fn exec(
         }
     }
     Ok(ReceiverStream::new(rx))
+}
+
+/// A started process: streamed, or detached (its pid).
+enum Launched {
+    Attached(Running),
+    Detached(i32),
 }
 
 /// Reports a program that could not be started, the way a shell would.
@@ -171,6 +186,8 @@ struct Plan {
     pty: Option<PtySize>,
     stdin: bool,
     timeout_ms: u64,
+    /// Detached: where stdout and stderr go (appended); None when attached.
+    detached_output: Option<String>,
 }
 
 fn plan(root: &Root, start: ExecStart, hostname: &str) -> Result<Plan, Status> {
@@ -236,6 +253,26 @@ fn plan(root: &Root, start: ExecStart, hostname: &str) -> Result<Plan, Status> {
             .or_insert_with(|| "xterm-256color".into());
     }
 
+    let detached_output = if start.detach {
+        if start.stdin || start.pty.is_some() || start.timeout_ms > 0 {
+            return Err(Status::invalid_argument(
+                "a detached process cannot have stdin, a pty or a timeout",
+            ));
+        }
+        Some(match start.output_file.as_str() {
+            "" => "/dev/null".to_string(),
+            f if f.starts_with('/') => f.to_string(),
+            f => format!("{cwd}/{f}"),
+        })
+    } else {
+        if !start.output_file.is_empty() {
+            return Err(Status::invalid_argument(
+                "output_file is only for detached processes (set detach)",
+            ));
+        }
+        None
+    };
+
     let path_var = env.get("PATH").map(String::as_str).unwrap_or(DEFAULT_PATH);
     let program = lookup(root, &start.argv[0], path_var, &cwd, &identity);
     // Without privileges (dev mode as a user) the default user means "as
@@ -254,6 +291,7 @@ fn plan(root: &Root, start: ExecStart, hostname: &str) -> Result<Plan, Status> {
         pty: start.pty,
         stdin: start.stdin,
         timeout_ms: start.timeout_ms,
+        detached_output,
     })
 }
 
@@ -378,6 +416,68 @@ fn launch(env: &ExecEnv, plan: &Plan, program: &str) -> io::Result<Running> {
         pty_master = None;
     }
 
+    prepare_child(&mut cmd, env, plan, None)?;
+    let spawned = env.reaper.spawn(&mut cmd);
+    // The child's ends of the pipes / the PTY slave live in `cmd`: close
+    // them here, or the parent would never see end of file.
+    drop(cmd);
+    let (child, exit) = spawned?;
+    Ok(Running {
+        pid: child.id() as i32,
+        exit,
+        stdout,
+        stderr,
+        stdin,
+        pty_master,
+        timeout_ms: plan.timeout_ms,
+    })
+}
+
+/// Starts a detached process: its own session, stdin from /dev/null,
+/// stdout and stderr appended to `output` (opened inside the root as the
+/// target user). Returns its pid; the reaper collects it when it exits.
+fn launch_detached(env: &ExecEnv, plan: &Plan, program: &str, output: &str) -> io::Result<i32> {
+    let mut cmd = Command::new(program);
+    cmd.arg0(&plan.argv[0])
+        .args(&plan.argv[1..])
+        .env_clear()
+        .envs(&plan.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    prepare_child(&mut cmd, env, plan, Some(cstring(output)?))?;
+    let (child, _exit) = env.reaper.spawn(&mut cmd)?;
+    Ok(child.id() as i32)
+}
+
+/// Reports a detached process as started and done: the stream ends, the
+/// process does not.
+async fn detached(pid: i32, tx: Tx) {
+    tracing::debug!("exec: detached pid {pid}");
+    let events = [
+        Event::Started(ExecStarted { pid: pid as u32 }),
+        Event::Exit(ExecExit {
+            exit_code: 0,
+            signal: 0,
+            timed_out: false,
+            message: format!("detached (pid {pid})"),
+        }),
+    ];
+    for event in events {
+        if !send(&tx, event).await {
+            return;
+        }
+    }
+}
+
+/// Installs the `pre_exec` hook: setsid, controlling TTY, chroot, identity,
+/// chdir, then (detached) the output file on stdout and stderr.
+fn prepare_child(
+    cmd: &mut Command,
+    env: &ExecEnv,
+    plan: &Plan,
+    output: Option<CString>,
+) -> io::Result<()> {
     let chroot = if env.chroot {
         Some(cstring(&env.root.path().to_string_lossy())?)
     } else {
@@ -414,24 +514,23 @@ fn launch(env: &ExecEnv, plan: &Plan, program: &str) -> io::Result<Running> {
             if libc::chdir(cwd.as_ptr()) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            if let Some(path) = &output {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                    0o644,
+                );
+                if fd < 0 || libc::dup2(fd, 1) < 0 || libc::dup2(fd, 2) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if fd > 2 {
+                    libc::close(fd);
+                }
+            }
             Ok(())
         });
     }
-
-    let spawned = env.reaper.spawn(&mut cmd);
-    // The child's ends of the pipes / the PTY slave live in `cmd`: close
-    // them here, or the parent would never see end of file.
-    drop(cmd);
-    let (child, exit) = spawned?;
-    Ok(Running {
-        pid: child.id() as i32,
-        exit,
-        stdout,
-        stderr,
-        stdin,
-        pty_master,
-        timeout_ms: plan.timeout_ms,
-    })
+    Ok(())
 }
 
 /// Opens a PTY pair, both ends close-on-exec from the start (no window in

@@ -423,3 +423,52 @@ async fn events_are_ordered() {
     assert!(matches!(e.next().await, Some(Event::Exit(_))));
     assert!(e.next().await.is_none());
 }
+
+#[tokio::test]
+async fn detached_process_outlives_its_stream_and_writes_its_output_file() {
+    let agent = host_agent();
+    let mut c = agent.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let mut s = start(&["sh", "-c", "echo up; echo oops >&2"]);
+    s.detach = true;
+    s.output_file = log.display().to_string();
+    let out = run(&mut c, s).await;
+    assert_eq!(out.exit().exit_code, 0, "{out:?}");
+    let pid = out.pid.expect("a detached process reports its pid");
+    assert!(pid > 0);
+    assert!(
+        common::wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("up\n") && t.contains("oops\n"))
+        })
+        .await,
+        "stdout and stderr land in the output file"
+    );
+    // A long-running one is still alive once its stream has ended.
+    let mut s = start(&["sleep", "30"]);
+    s.detach = true;
+    let out = run(&mut c, s).await;
+    let pid = out.pid.unwrap() as i32;
+    assert!(out.exit.is_some(), "the stream ended with an exit");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the detached process still runs after its stream ended"
+    );
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+#[tokio::test]
+async fn detach_rejects_stdin_and_output_file_needs_detach() {
+    let agent = host_agent();
+    let mut c = agent.client().await;
+    let mut s = start(&["true"]);
+    s.detach = true;
+    s.stdin = true;
+    let err = exec(&mut c, s).await.err().expect("rejected");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut s = start(&["true"]);
+    s.output_file = "/tmp/x".into();
+    let err = exec(&mut c, s).await.err().expect("rejected");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("detach"), "{}", err.message());
+}

@@ -33,6 +33,8 @@ pub struct ControlPlaneArgs {
     join_token: Option<String>,
     #[command(flatten)]
     scheduling: SchedulingArgs,
+    #[command(flatten)]
+    ingress: IngressArgs,
     /// Serve agents over mutual TLS: this certificate (PEM)...
     #[arg(long, requires_all = ["agent_tls_key", "agent_tls_client_ca"])]
     agent_tls_cert: Option<PathBuf>,
@@ -42,6 +44,56 @@ pub struct ControlPlaneArgs {
     /// ...and the CA that agents' client certificates must chain to.
     #[arg(long, requires = "agent_tls_cert")]
     agent_tls_client_ca: Option<PathBuf>,
+}
+
+/// The apps ingress, shared by `somna controlplane` and `somna up`.
+#[derive(Args)]
+pub struct IngressArgs {
+    /// Address of the HTTP ingress that serves apps (port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    ingress_listen: String,
+    /// Apps are served at NAME.<domain> (point a wildcard DNS record at
+    /// the ingress; *.localhost resolves to this machine).
+    #[arg(long, default_value = "localhost")]
+    app_domain: String,
+    /// Serve the ingress over HTTPS with this certificate chain (PEM)...
+    #[arg(long, requires = "ingress_tls_key")]
+    ingress_tls_cert: Option<PathBuf>,
+    /// ...and its private key (PEM).
+    #[arg(long, requires = "ingress_tls_cert")]
+    ingress_tls_key: Option<PathBuf>,
+}
+
+impl IngressArgs {
+    /// Binds the ingress listener and loads its certificate.
+    pub async fn bind(
+        &self,
+    ) -> anyhow::Result<(
+        tokio::net::TcpListener,
+        somna_controlplane::IngressConfig,
+        String,
+    )> {
+        let listener = tokio::net::TcpListener::bind(&self.ingress_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (ingress)", self.ingress_listen))?;
+        let tls = match (&self.ingress_tls_cert, &self.ingress_tls_key) {
+            (Some(cert), Some(key)) => Some(
+                somna_controlplane::tls::server_config(cert, key)
+                    .context("loading the ingress certificate")?,
+            ),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr()?);
+        Ok((
+            listener,
+            somna_controlplane::IngressConfig {
+                domain: self.app_domain.clone(),
+                tls,
+            },
+            url,
+        ))
+    }
 }
 
 /// Placement and host-health flags, shared by `somna controlplane` and
@@ -121,6 +173,7 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.agent_listen))?;
     let (api_addr, agent_addr) = (api.local_addr()?, agents.local_addr()?);
+    let (ingress, ingress_config, ingress_url) = args.ingress.bind().await?;
     let tls = match (
         args.agent_tls_cert,
         args.agent_tls_key,
@@ -140,12 +193,15 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
                 "addr": format!("http://{api_addr}"),
                 "agent_addr": agent_addr.to_string(),
                 "agent_tls": tls_on,
+                "ingress": ingress_url,
                 "api_key": new_key,
                 "join_token": new_token,
             })
         );
     } else {
-        println!("Somna control plane at http://{api_addr}; agents join at {agent_addr}");
+        println!(
+            "Somna control plane at http://{api_addr}; agents join at {agent_addr}; apps at {ingress_url}"
+        );
         if let Some(k) = &new_key {
             println!(
                 "  API key (default tenant): {k}  (also in {})",
@@ -171,9 +227,16 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
         tls,
         stopped(rx.clone()),
     ));
+    let ingress_task = tokio::spawn(somna_controlplane::serve_ingress(
+        cp.clone(),
+        ingress,
+        ingress_config,
+        stopped(rx.clone()),
+    ));
     somna_controlplane::serve(cp, api, stopped(rx))
         .await
         .context("serving the API")?;
     let _ = agents_task.await;
+    let _ = ingress_task.await;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use somna_controlplane::{Host, StatusStream};
+use somna_controlplane::{Host, PortStream, StatusStream};
 use somna_hypervisor_agent::{
     Agent, EgressPolicy, HostInfo, NetworkCounters, SandboxInfo, SandboxRequest, SandboxState,
     StartMode,
@@ -38,6 +38,11 @@ impl LocalHost {
             SandboxState::Failed => proto::SandboxState::Failed,
             SandboxState::Destroying => proto::SandboxState::Destroying,
         };
+        let exposed_ports = info
+            .network_policy
+            .as_ref()
+            .map(|p| p.exposed_tcp_ports.iter().map(|&p| p as u32).collect())
+            .unwrap_or_default();
         proto::Sandbox {
             id: info.id,
             image: info.image,
@@ -64,6 +69,7 @@ impl LocalHost {
                 allow_out: p.allow_out.iter().map(ToString::to_string).collect(),
                 deny_out: p.deny_out.iter().map(ToString::to_string).collect(),
             }),
+            exposed_ports,
             ..Default::default()
         }
     }
@@ -78,6 +84,18 @@ fn network_policy(
 ) -> Result<EgressPolicy, Status> {
     EgressPolicy::from_args(no_internet, allow_out, deny_out)
         .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// The create request's `expose_ports` as TCP ports.
+fn exposed_ports(ports: &[u32]) -> Result<Vec<u16>, Status> {
+    ports
+        .iter()
+        .map(|&p| {
+            u16::try_from(p).ok().filter(|&p| p > 0).ok_or_else(|| {
+                Status::invalid_argument(format!("expose_ports: {p} is not a TCP port (1-65535)"))
+            })
+        })
+        .collect()
 }
 
 fn network_to_proto(c: NetworkCounters) -> proto::NetworkCounters {
@@ -178,7 +196,10 @@ impl Host for LocalHost {
                 idle_timeout: (req.idle_timeout_seconds > 0)
                     .then(|| Duration::from_secs(req.idle_timeout_seconds)),
                 start_mode: start_mode_from_proto(req.start_mode)?,
-                network: network_policy(req.no_internet, &req.allow_out, &req.deny_out)?,
+                network: EgressPolicy {
+                    exposed_tcp_ports: exposed_ports(&req.expose_ports)?,
+                    ..network_policy(req.no_internet, &req.allow_out, &req.deny_out)?
+                },
             })
             .await?;
         Ok(self.to_proto(info))
@@ -207,6 +228,18 @@ impl Host for LocalHost {
 
     async fn wake_sandbox(&self, id: &str) -> Result<proto::Sandbox, Status> {
         Ok(self.to_proto(self.agent.wake(id).await?))
+    }
+
+    async fn connect_port(&self, id: &str, port: u16) -> Result<PortStream, Status> {
+        Ok(Box::new(self.agent.connect_port(id, port).await?))
+    }
+
+    async fn health_connect(&self, id: &str, port: u16) -> Result<Option<PortStream>, Status> {
+        Ok(self
+            .agent
+            .health_check_connect(id, port)
+            .await?
+            .map(|s| Box::new(s) as PortStream))
     }
 
     async fn update_network(

@@ -4,6 +4,7 @@
 
 mod agent_args;
 mod agent_cmd;
+mod app;
 mod completions;
 mod controlplane_cmd;
 mod cp;
@@ -56,6 +57,10 @@ enum Command {
     /// Create, use, sleep, wake and destroy sandboxes.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Deploy and manage apps: web servers that sleep when idle and wake
+    /// on the first request.
+    #[command(subcommand)]
+    App(app::AppCommand),
     /// Hosts, their templates and warm pools.
     #[command(subcommand)]
     Host(host::HostCommand),
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => agent_cmd::run(args, cli.json).await.map(|()| 0),
             Command::Key(cmd) => key::run(cmd, cli.json).await,
             Command::Sandbox(cmd) => sandbox::run(cmd, &cli.addr, cli.json).await,
+            Command::App(cmd) => app::run(cmd, &cli.addr, cli.json).await,
             Command::Host(cmd) => host::run(cmd, &cli.addr, cli.json).await,
             Command::Image(cmd) => image::run(cmd, &cli.addr, cli.json).await,
             Command::Mcp(args) => mcp::run(args, &cli.addr, cli.json).await,

@@ -23,6 +23,8 @@ pub struct UpArgs {
     agent: AgentArgs,
     #[command(flatten)]
     scheduling: crate::controlplane_cmd::SchedulingArgs,
+    #[command(flatten)]
+    ingress: crate::controlplane_cmd::IngressArgs,
 }
 
 pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
@@ -50,6 +52,7 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;
+    let (ingress, ingress_config, ingress_url) = args.ingress.bind().await?;
     let accel = agent.accelerator();
     if json {
         println!(
@@ -60,6 +63,7 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
                 "accelerator": accel.accelerator.as_str(),
                 "accelerator_reason": accel.reason,
                 "api_key": api_key,
+                "ingress": ingress_url,
             })
         );
     } else {
@@ -73,12 +77,29 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
             "  API key: {api_key}  (also in {})",
             data_dir.join("api-key").display()
         );
+        println!("  apps: {ingress_url} (NAME.{})", ingress_config.domain);
         println!("  try: somna sandbox create --image busybox");
     }
+    // One signal stops the API and the ingress.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let ingress_task = tokio::spawn(somna_controlplane::serve_ingress(
+        control_plane.clone(),
+        ingress,
+        ingress_config,
+        stopped(rx.clone()),
+    ));
 
-    somna_controlplane::serve(control_plane.clone(), listener, shutdown_signal())
+    somna_controlplane::serve(control_plane.clone(), listener, stopped(rx))
         .await
         .context("serving the API")?;
+    let _ = ingress_task.await;
     tracing::info!("shutting down: destroying sandboxes");
     control_plane.destroy_all_on(agent.host_id()).await;
     agent.destroy_all().await;

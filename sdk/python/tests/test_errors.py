@@ -100,3 +100,19 @@ def test_network_policy_arguments_and_a_host_without_networking(client: somna.Cl
     with pytest.raises(somna.FailedPreconditionError) as e2:
         sbx.update_network(no_internet=True, allow_out=["10.1.0.0/16"])
     assert "--network" in str(e2.value)
+
+
+def test_apps_api_errors(client: somna.Client) -> None:
+    # The test platform runs without networking, so apps cannot be deployed
+    # there; the API says so, and validates before that.
+    with pytest.raises(somna.InvalidArgumentError) as e:
+        somna.App.deploy("Bad_Name", image="busybox", port=8080, client=client)
+    assert "name" in str(e.value)
+    with pytest.raises(somna.InvalidArgumentError):
+        somna.App.deploy("web", image="busybox", port=8080, min_replicas=-1, client=client)
+    with pytest.raises(somna.FailedPreconditionError) as e:
+        somna.App.deploy("web", image="busybox", port=8080, command=["httpd", "-f"], client=client)
+    assert "--network" in str(e.value)
+    with pytest.raises(somna.NotFoundError):
+        somna.App.get("web", client=client)
+    assert somna.App.list(client=client) == []

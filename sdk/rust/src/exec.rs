@@ -20,6 +20,7 @@ pub struct Command {
     timeout: Option<Duration>,
     stdin: bool,
     pty: Option<(u16, u16)>,
+    detach: Option<String>,
 }
 
 impl Command {
@@ -86,6 +87,14 @@ impl Command {
         self.stdin = on;
         self
     }
+    /// Run in the background: the call returns once the process started,
+    /// and the process keeps running (also across sleep and wake) with its
+    /// stdout and stderr appended to `output_file` in the sandbox ("" for
+    /// /dev/null). Not with stdin, a pty or a timeout.
+    pub fn detach(mut self, output_file: impl Into<String>) -> Self {
+        self.detach = Some(output_file.into());
+        self
+    }
     /// Run under a pseudo-terminal of this size.
     pub fn pty(mut self, rows: u16, cols: u16) -> Self {
         self.pty = Some((rows, cols));
@@ -104,6 +113,8 @@ impl Command {
                 .map(|t| t.as_millis().max(1) as u64)
                 .unwrap_or(0),
             stdin: self.stdin,
+            detach: self.detach.is_some(),
+            output_file: self.detach.unwrap_or_default(),
             pty: self.pty.map(|(rows, cols)| proto::PtySize {
                 rows: rows.into(),
                 cols: cols.into(),

@@ -15,6 +15,7 @@
 //! It owns the typed surface (clients, sandboxes, commands, files) over the
 //! generated gRPC stubs, which stay available as [`proto`].
 
+mod apps;
 mod auth;
 mod code;
 mod error;
@@ -28,6 +29,7 @@ use somna_proto::v1::sandboxes_client::SandboxesClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+pub use apps::AppOptions;
 pub use auth::ApiKey;
 pub use code::Language;
 pub use error::{Error, Result};
@@ -136,6 +138,7 @@ impl Client {
             no_internet: options.no_internet,
             allow_out: options.allow_out,
             deny_out: options.deny_out,
+            expose_ports: options.expose_ports.iter().map(|&p| p.into()).collect(),
         };
         let info = self.rpc().create_sandbox(req).await?.into_inner();
         Ok(Sandbox {
@@ -312,6 +315,8 @@ pub struct CreateOptions {
     pub allow_out: Vec<String>,
     /// IPv4 CIDRs the sandbox may not reach.
     pub deny_out: Vec<String>,
+    /// TCP ports the platform may connect to (hosts with networking).
+    pub expose_ports: Vec<u16>,
 }
 
 impl CreateOptions {
@@ -367,6 +372,10 @@ impl CreateOptions {
     }
     pub fn deny_out(mut self, cidr: impl Into<String>) -> Self {
         self.deny_out.push(cidr.into());
+        self
+    }
+    pub fn expose_port(mut self, port: u16) -> Self {
+        self.expose_ports.push(port);
         self
     }
 }

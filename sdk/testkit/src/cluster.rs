@@ -145,6 +145,7 @@ impl Cluster {
         cmd.arg("--json")
             .arg("controlplane")
             .args(["--listen", &r.api_listen, "--agent-listen", &r.agent_listen])
+            .args(["--ingress-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(r.data_dir.path())
             .args(["--join-token", &self.join_token])

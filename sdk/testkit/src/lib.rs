@@ -97,6 +97,8 @@ pub struct Platform {
     pub accelerator_reason: String,
     /// The key `somna up` made for the default tenant.
     pub api_key: String,
+    /// The apps ingress, `http://127.0.0.1:PORT` (apps at NAME.localhost).
+    pub ingress: String,
 }
 
 impl Platform {
@@ -114,6 +116,7 @@ impl Platform {
             accelerator: String::new(),
             accelerator_reason: String::new(),
             api_key: String::new(),
+            ingress: String::new(),
         };
         p.launch();
         p
@@ -125,6 +128,7 @@ impl Platform {
             .arg("--json")
             .arg("up")
             .args(["--listen", "127.0.0.1:0"])
+            .args(["--ingress-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .arg("--guest-dir")
@@ -160,6 +164,7 @@ impl Platform {
         self.addr = v["addr"].as_str().unwrap_or_default().to_string();
         self.accelerator = v["accelerator"].as_str().unwrap_or_default().to_string();
         self.api_key = v["api_key"].as_str().unwrap_or_default().to_string();
+        self.ingress = v["ingress"].as_str().unwrap_or_default().to_string();
         self.accelerator_reason = v["accelerator_reason"]
             .as_str()
             .unwrap_or_default()

@@ -18,6 +18,7 @@ The client finds the API through ``$SOMNA_ADDR`` (default: the local
 """
 
 from ._common import DEFAULT_ADDR
+from .apps import App, AppInfo, AppReplica
 from .errors import (
     AlreadyExistsError,
     ApiError,
@@ -45,6 +46,9 @@ __all__ = [
     "DEFAULT_ADDR",
     "Client",
     "Sandbox",
+    "App",
+    "AppInfo",
+    "AppReplica",
     "Files",
     "Process",
     "ExecResult",

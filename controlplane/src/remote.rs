@@ -14,8 +14,10 @@ use somna_proto::v1::*;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::host::{Host, StatusStream};
+use crate::host::{Host, PortStream, StatusStream};
 use crate::service::split_first;
+
+mod port_relay;
 
 /// A host agent reached over its tunnel.
 #[derive(Clone)]
@@ -177,6 +179,18 @@ impl Host for RemoteHost {
         Ok(self.rpc().read_file(req).await?.into_inner().boxed())
     }
 
+    async fn connect_port(&self, id: &str, port: u16) -> Result<PortStream, Status> {
+        port_relay::dial(self.rpc(), id, port, false).await
+    }
+
+    async fn health_connect(&self, id: &str, port: u16) -> Result<Option<PortStream>, Status> {
+        match port_relay::dial(self.rpc(), id, port, true).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if port_relay::is_not_running(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn write_file(
         &self,
         start: WriteFileStart,
@@ -317,6 +331,17 @@ impl HostAgent for HostAdapter {
         })
         .await?;
         Ok(Response::new(self.host.exec(start, rest).await?))
+    }
+
+    type ConnectPortStream = StatusStream<somna_proto::host::v1::PortData>;
+
+    async fn connect_port(
+        &self,
+        r: Request<Streaming<somna_proto::host::v1::PortData>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        Ok(Response::new(
+            port_relay::serve(self.host.as_ref(), r.into_inner()).await?,
+        ))
     }
 
     type ReadFileStream = StatusStream<FileChunk>;

@@ -443,8 +443,10 @@ impl ControlPlane {
         }
     }
 
-    /// Destroys every sandbox placed on `host_id` (shutdown of `somna up`).
+    /// Destroys every sandbox placed on `host_id` (shutdown of `somna up`);
+    /// apps stop replacing replicas first.
     pub async fn destroy_all_on(&self, host_id: &str) {
+        self.inner.apps.stop();
         let Ok(rows) = self.inner.store.sandboxes_on_host(host_id).await else {
             return;
         };

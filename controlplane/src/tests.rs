@@ -1048,3 +1048,49 @@ async fn agents_join_over_mutual_tls_only_with_a_trusted_certificate() {
     assert!(reply.starts_with("OK\n"), "{reply:?}");
     let _ = &mut c;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ingress_serves_https_with_the_operator_certificate() {
+    use crate::tls::{self, TlsFiles};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    test_certs(dir.path());
+    let p = |f: &str| dir.path().join(f);
+    let env = Env::start(&Db::Sqlite, &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = crate::IngressConfig {
+        domain: "apps.test".into(),
+        tls: Some(tls::server_config(&p("cp.pem"), &p("cp.key")).unwrap()),
+    };
+    tokio::spawn(crate::serve_ingress(
+        env.cp.clone(),
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    let connector = tls::connector(&TlsFiles {
+        cert: p("agent.pem"),
+        key: p("agent.key"),
+        ca: p("ca.pem"),
+    })
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = connector
+        .connect(tls::server_name(&addr.to_string(), None).unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the ingress certificate");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: nope.apps.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // A missing close_notify would only end the read early.
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let out = String::from_utf8_lossy(&raw);
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("no app named nope"), "{out}");
+    assert_eq!(
+        env.cp.inner.apps.url("web"),
+        format!("https://web.apps.test:{}/", addr.port())
+    );
+}

@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("app-bench needs root (sandbox networking)");
     }
-    let inet = Internet::create("somnabapp", "203.0.113.200/30".parse()?)?;
+    let inet = Internet::create("somnabi", "203.0.113.200/30".parse()?)?;
     let Egress::Interface(uplink) = inet.egress() else {
         bail!("no egress interface");
     };
@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
     o.extra_args = [
         "--network",
         "--network-prefix",
-        "somnabapp",
+        "somnabap",
         "--network-subnet",
         SUBNET,
         "--network-egress",

@@ -47,6 +47,7 @@ pub(crate) struct Runtime {
     deploys: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     scaling: Mutex<HashSet<String>>,
     health_failures: Mutex<HashMap<String, u32>>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -75,6 +76,15 @@ impl Drop for Scaling<'_> {
 }
 
 impl Runtime {
+    /// The platform is shutting down: replicas are about to be destroyed on
+    /// purpose, so nothing may replace them.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
     pub(crate) fn set_ingress(&self, addr: IngressAddr) {
         *lock(&self.ingress) = Some(addr);
     }

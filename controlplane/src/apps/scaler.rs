@@ -57,6 +57,9 @@ impl ControlPlane {
             let Some(_scaling) = cp.inner.apps.begin_scaling(&name) else {
                 return;
             };
+            if cp.inner.apps.stopping() {
+                return;
+            }
             if let Err(e) = cp.add_replica(&name, None).await {
                 warn!(app = %name, error = %e.message(), "adding a replica failed");
             }
@@ -109,6 +112,9 @@ impl ControlPlane {
 
     /// One pass over every app.
     pub(crate) async fn tend_apps(&self) {
+        if self.inner.apps.stopping() {
+            return;
+        }
         let apps = match self.store().apps(None).await {
             Ok(a) => a,
             Err(e) => {

@@ -10,7 +10,7 @@ use somna_netd::Egress;
 use somna_netd::testing::Internet;
 use somna_sdk::proto::{App, SandboxState};
 use somna_sdk::{AppOptions, Client, Command};
-use somna_testkit::{Options, Platform, eventually};
+use somna_testkit::{Cluster, ClusterOptions, Options, Platform, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A platform with networking; its egress is a namespace of its own
@@ -20,7 +20,9 @@ struct World {
     _inet: Internet,
 }
 
-fn world(n: u8) -> Option<World> {
+/// `--network` arguments for test `n`, and the namespace they use as
+/// egress; None without root.
+fn network_args(n: u8) -> Option<(Vec<String>, Internet)> {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipping: apps need sandbox networking, which needs root");
         return None;
@@ -35,8 +37,7 @@ fn world(n: u8) -> Option<World> {
     let Egress::Interface(uplink) = inet.egress() else {
         unreachable!("Internet::egress is an interface")
     };
-    let mut o = Options::new(env!("CARGO_BIN_EXE_somna"));
-    o.extra_args = [
+    let args = [
         "--network",
         "--network-prefix",
         &format!("somnaa{n}"),
@@ -50,6 +51,13 @@ fn world(n: u8) -> Option<World> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    Some((args, inet))
+}
+
+fn world(n: u8) -> Option<World> {
+    let (args, inet) = network_args(n)?;
+    let mut o = Options::new(env!("CARGO_BIN_EXE_somna"));
+    o.extra_args = args;
     Some(World {
         platform: Platform::start(o),
         _inet: inet,
@@ -339,4 +347,155 @@ async fn bad_deploys_fail_with_logs_and_crashes_get_502_then_a_new_replica() {
         app.replicas.iter().all(|r| r.sandbox_id != crashed),
         "the crashed replica was replaced: {app:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apps_on_a_joined_host_are_served_through_its_tunnel() {
+    let Some((args, _inet)) = network_args(43) else {
+        return;
+    };
+    let mut o = ClusterOptions::new(env!("CARGO_BIN_EXE_somna"), 1);
+    o.agent_args = args;
+    let cluster = Cluster::start(o);
+    cluster.wait_for_hosts(1);
+    let client = cluster.client(0).await;
+    let ingress = &cluster.ingress[0];
+    let app = client
+        .deploy_app("far", httpd("from-afar").health_path("/healthz"))
+        .await
+        .unwrap();
+    let (status, body) = get(ingress, "far", "/").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "from-afar"));
+    // A sleeping replica on the remote host is woken by the request.
+    let id = &app.replicas[0].sandbox_id;
+    client.sleep_sandbox(id).await.unwrap();
+    let (status, body) = get(ingress, "far", "/").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "from-afar"));
+    // Health checks reach it through the tunnel too.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            logs(&client, "far").await.matches("url:/healthz").count() >= 2
+        })
+        .await,
+        "health checks over the tunnel"
+    );
+    client.delete_app("far").await.unwrap();
+}
+
+/// A python server for streaming: /events sends one Server-Sent Event,
+/// then a second once /tmp/go exists; `Upgrade` requests get a 101 and
+/// then an upper-casing echo.
+const STREAMER: &str = r#"
+import os, socket, threading, time
+def handle(c):
+    f = c.makefile("rb")
+    request = f.readline().decode()
+    headers = {}
+    while True:
+        h = f.readline().decode().strip()
+        if not h:
+            break
+        k, v = h.split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("upgrade"):
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: somna-echo\r\nConnection: Upgrade\r\n\r\n")
+        while True:
+            b = c.recv(4096)
+            if not b:
+                break
+            c.sendall(b.upper())
+    elif request.split()[1] == "/events":
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: first\n\n")
+        while not os.path.exists("/tmp/go"):
+            time.sleep(0.05)
+        c.sendall(b"data: second\n\n")
+    else:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(64)
+print("streamer up", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+/// Reads from `s` into `buf` until `needle` appears (30 s at most).
+async fn read_until(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, needle: &str) -> bool {
+    let found = |b: &[u8]| String::from_utf8_lossy(b).contains(needle);
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !found(buf) {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), read).await;
+    found(buf)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_stream_and_upgrades_are_spliced() {
+    let Some(w) = world(44) else { return };
+    let client = w.platform.client().await;
+    let ingress = w.platform.ingress.trim_start_matches("http://").to_string();
+    let port = ingress.rsplit(':').next().unwrap().to_string();
+    let app = client
+        .deploy_app(
+            "stream",
+            AppOptions::new("python", 8080).command(["python3", "-c", STREAMER]),
+        )
+        .await
+        .unwrap();
+    let replica = client.sandbox(&app.replicas[0].sandbox_id).await.unwrap();
+
+    // SSE: the first event arrives while the app still holds the second.
+    let mut s = tokio::net::TcpStream::connect(&ingress).await.unwrap();
+    let req = format!(
+        "GET /events HTTP/1.1\r\nHost: stream.localhost:{port}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    assert!(
+        read_until(&mut s, &mut buf, "data: first").await,
+        "the first event streams through before the response ends: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(!String::from_utf8_lossy(&buf).contains("second"));
+    replica.write_file("/tmp/go", b"go".to_vec()).await.unwrap();
+    assert!(
+        read_until(&mut s, &mut buf, "data: second").await,
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+
+    // Upgrade: 101, then bytes both ways on the same connection.
+    let mut s = tokio::net::TcpStream::connect(&ingress).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: stream.localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: somna-echo\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    assert!(
+        read_until(&mut s, &mut buf, "\r\n\r\n").await,
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    s.write_all(b"hello through the ingress").await.unwrap();
+    let mut echoed = Vec::new();
+    assert!(
+        read_until(&mut s, &mut echoed, "HELLO THROUGH THE INGRESS").await,
+        "{:?}",
+        String::from_utf8_lossy(&echoed)
+    );
+    client.delete_app("stream").await.unwrap();
 }

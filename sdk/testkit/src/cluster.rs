@@ -22,6 +22,8 @@ pub struct ClusterOptions {
     pub store: Option<String>,
     /// Extra `somna controlplane` arguments (e.g. `--policy pack`).
     pub controlplane_args: Vec<String>,
+    /// Extra `somna agent` arguments (e.g. `--network ...`).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -33,6 +35,7 @@ impl ClusterOptions {
             replicas: 1,
             store: None,
             controlplane_args: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -56,6 +59,8 @@ pub struct Cluster {
     agents: Vec<AgentProc>,
     /// API address of each replica (`http://127.0.0.1:PORT`).
     pub addrs: Vec<String>,
+    /// Apps ingress of each replica (`http://127.0.0.1:PORT`).
+    pub ingress: Vec<String>,
     pub api_key: String,
     join_token: String,
 }
@@ -106,6 +111,7 @@ impl Cluster {
             replicas: Vec::new(),
             agents: Vec::new(),
             addrs: Vec::new(),
+            ingress: Vec::new(),
             api_key: String::new(),
             join_token: JOIN_TOKEN.to_string(),
         };
@@ -170,8 +176,12 @@ impl Cluster {
                 self.api_key = key.to_string();
             }
         }
+        let ingress = v["ingress"].as_str().unwrap_or_default().to_string();
         if self.addrs.len() <= i {
             self.addrs.push(addr);
+            self.ingress.push(ingress);
+        } else {
+            self.ingress[i] = ingress;
         }
         r.child = Some(child);
     }
@@ -193,6 +203,7 @@ impl Cluster {
             .arg("--image-dir")
             .arg(&o.artifacts.image_dir)
             .args(["--accel", "tcg", "--no-templates", "--no-registries"])
+            .args(&o.agent_args)
             .env("SOMNA_LOG", log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -45,6 +45,8 @@ pub const LOG_FILE: &str = "/tmp/somna-app.log";
 /// Labels that mark a sandbox as a replica.
 pub const APP_LABEL: &str = "somna.app";
 pub const VERSION_LABEL: &str = "somna.app.version";
+/// Set on a replica once its app answered; only ready replicas serve.
+pub const READY_LABEL: &str = "somna.app.ready";
 
 const DEFAULT_IDLE_TIMEOUT_S: u64 = 30;
 const DEFAULT_TARGET_IN_FLIGHT: u32 = 10;
@@ -292,7 +294,14 @@ impl ControlPlane {
             )
         })?;
         let id = sandbox.id;
-        match self.launch(caller, &id, spec).await {
+        let launched = match self.launch(caller, &id, spec).await {
+            Ok(()) => self
+                .mark_ready(caller, &id)
+                .await
+                .map_err(|e| e.message().to_string()),
+            Err(why) => Err(why),
+        };
+        match launched {
             Ok(()) => Ok(id),
             Err(why) => {
                 let logs = self.log_tail(caller, &id, ERROR_LOG_LINES).await;
@@ -302,6 +311,21 @@ impl ControlPlane {
                 )))
             }
         }
+    }
+
+    /// Whether the app answered in this replica.
+    pub(crate) fn is_ready(&self, row: &SandboxRow) -> bool {
+        row.record.labels.contains_key(READY_LABEL) || self.inner.apps.is_ready(&row.id)
+    }
+
+    /// Labels replica `id` ready: from now on the ingress may route to it.
+    pub(crate) async fn mark_ready(&self, caller: &Caller, id: &str) -> Result<(), Status> {
+        self.inner.apps.set_ready(id);
+        let mut row = self.row(caller, id).await?;
+        row.record
+            .labels
+            .insert(READY_LABEL.to_string(), "true".to_string());
+        self.save(&row).await
     }
 
     /// Starts the app's process in replica `id` and waits for its port.
@@ -478,6 +502,7 @@ impl ControlPlane {
                 state: state as i32,
                 host: r.host_id.clone(),
                 in_flight: self.inner.apps.in_flight(&r.id),
+                ready: self.is_ready(&r),
                 sandbox_id: r.id,
             });
         }

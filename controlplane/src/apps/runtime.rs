@@ -48,6 +48,9 @@ pub(crate) struct Runtime {
     scaling: Mutex<HashSet<String>>,
     health_failures: Mutex<HashMap<String, u32>>,
     stopping: std::sync::atomic::AtomicBool,
+    /// Replicas whose app answered (also labelled in the store; this copy
+    /// survives a concurrent heartbeat write of the row's older labels).
+    ready: Mutex<HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,7 +171,16 @@ impl Runtime {
         lock(&self.last_request).get(id).copied()
     }
 
+    pub(crate) fn set_ready(&self, id: &str) {
+        lock(&self.ready).insert(id.to_string());
+    }
+
+    pub(crate) fn is_ready(&self, id: &str) -> bool {
+        lock(&self.ready).contains(id)
+    }
+
     pub(crate) fn forget_replica(&self, id: &str) {
+        lock(&self.ready).remove(id);
         lock(&self.in_flight).remove(id);
         lock(&self.last_request).remove(id);
         lock(&self.health_failures).remove(id);

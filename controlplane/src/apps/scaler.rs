@@ -11,7 +11,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use super::runtime::{Route, RouteReplica};
-use super::{floor, is_live, owner, probe, replica_version};
+use super::{READY_LABEL, floor, is_live, owner, probe, replica_version};
 use crate::service::{ControlPlane, store_err};
 use crate::store::AppRow;
 
@@ -32,7 +32,7 @@ impl ControlPlane {
             .replica_rows(&app.tenant_id, name)
             .await?
             .into_iter()
-            .filter(|r| replica_version(r) == Some(app.version) && is_live(r))
+            .filter(|r| replica_version(r) == Some(app.version) && is_live(r) && self.is_ready(r))
             .map(|r| RouteReplica {
                 awake: r.state == "running",
                 id: r.id,
@@ -156,7 +156,17 @@ impl ControlPlane {
                 live.push(r);
             }
         }
-        for r in live.iter().filter(|r| r.state == "running") {
+        // Starting replicas are probed by their own launch.
+        for r in &live {
+            // A heartbeat may have written the row back without the label.
+            if self.inner.apps.is_ready(&r.id) && !r.record.labels.contains_key(READY_LABEL) {
+                self.mark_ready(&owner, &r.id).await?;
+            }
+        }
+        for r in live
+            .iter()
+            .filter(|r| r.state == "running" && self.is_ready(r))
+        {
             let Some(host) = self.inner.hosts.get(&r.host_id) else {
                 continue;
             };
@@ -182,8 +192,15 @@ impl ControlPlane {
             if let Some(route) = route {
                 self.scale_up(&route);
             }
-        } else if live.len() as u32 > want {
-            // Scale down: one idle replica per pass.
+        } else if live.len() as u32 > want
+            && live.iter().all(|r| self.is_ready(r))
+            && live
+                .iter()
+                .map(|r| self.inner.apps.in_flight(&r.id))
+                .sum::<u32>()
+                <= spec.target_in_flight * (live.len() as u32 - 1)
+        {
+            // Load fell: the others can carry it. One idle replica per pass.
             let idle = Duration::from_secs(spec.idle_timeout_seconds);
             let quiet = live.iter().find(|r| {
                 self.inner.apps.in_flight(&r.id) == 0

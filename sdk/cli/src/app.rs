@@ -275,6 +275,7 @@ pub fn app_json(a: &proto::App) -> Value {
             "state": state_name(r.state),
             "host": r.host,
             "in_flight": r.in_flight,
+            "ready": r.ready,
         })).collect::<Vec<_>>(),
         "last_error": a.last_error,
     })

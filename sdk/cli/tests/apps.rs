@@ -342,10 +342,13 @@ async fn bad_deploys_fail_with_logs_and_crashes_get_502_then_a_new_replica() {
         .await,
         "a replacement replica serves"
     );
-    let app = client.app("keep").await.unwrap();
     assert!(
-        app.replicas.iter().all(|r| r.sandbox_id != crashed),
-        "the crashed replica was replaced: {app:?}"
+        eventually(Duration::from_secs(30), || async {
+            let app = client.app("keep").await.unwrap();
+            app.replicas.iter().all(|r| r.sandbox_id != crashed)
+        })
+        .await,
+        "the crashed replica is destroyed once its replacement serves"
     );
 }
 
@@ -498,4 +501,75 @@ async fn server_sent_events_stream_and_upgrades_are_spliced() {
         String::from_utf8_lossy(&echoed)
     );
     client.delete_app("stream").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_above_the_target_adds_a_replica_and_quiet_removes_it() {
+    let Some(w) = world(45) else { return };
+    let client = w.platform.client().await;
+    let ingress = w.platform.ingress.clone();
+    // /slow answers after /tmp/release exists in the replica that got it,
+    // so requests stay in flight as long as the test wants.
+    let slow = r#"
+import os, socket, threading, time
+def handle(c):
+    f = c.makefile("rb")
+    path = f.readline().decode().split()[1]
+    while f.readline().strip():
+        pass
+    if path == "/slow":
+        while not os.path.exists("/tmp/release"):
+            time.sleep(0.05)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+    let mut opts = AppOptions::new("python", 8080)
+        .command(["python3", "-c", slow])
+        .replicas(0, 2)
+        .idle_timeout(Duration::from_secs(3));
+    opts.target_in_flight = 1;
+    let app = client.deploy_app("scale", opts).await.unwrap();
+    assert_eq!(app.replicas.len(), 1);
+    let first = client.sandbox(&app.replicas[0].sandbox_id).await.unwrap();
+
+    // Three requests held in flight on one replica: above the target of 1.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let ingress = ingress.clone();
+            tokio::spawn(async move { get(&ingress, "scale", "/slow").await })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(120), || async {
+            let app = client.app("scale").await.unwrap();
+            app.replicas.len() == 2 && app.replicas.iter().all(|r| r.ready)
+        })
+        .await,
+        "a second replica is added under load"
+    );
+    first
+        .write_file("/tmp/release", b"go".to_vec())
+        .await
+        .unwrap();
+    for h in held {
+        let (status, _) = h.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+    }
+    // No requests for the idle timeout: back to one replica.
+    assert!(
+        eventually(Duration::from_secs(120), || async {
+            client.app("scale").await.unwrap().replicas.len() == 1
+        })
+        .await,
+        "the extra replica is removed when load falls"
+    );
+    let (status, body) = get(&ingress, "scale", "/").await.unwrap();
+    assert_eq!(status, 200, "{body}");
 }

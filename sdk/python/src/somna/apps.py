@@ -37,6 +37,7 @@ class AppReplica:
     version: int
     state: str
     in_flight: int
+    ready: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _info(a: Any) -> AppInfo:
         replicas_awake=a.replicas_awake,
         replicas_asleep=a.replicas_asleep,
         replicas=[
-            AppReplica(r.sandbox_id, r.version, c._STATE_NAMES.get(r.state, "unknown"), r.in_flight)
+            AppReplica(r.sandbox_id, r.version, c._STATE_NAMES.get(r.state, "unknown"), r.in_flight, r.ready)
             for r in a.replicas
         ],
         last_error=a.last_error,

@@ -146,6 +146,28 @@ pub fn init_tracing() {
 }
 
 /// Resolves on SIGINT or SIGTERM.
+/// Ctrl-C or SIGTERM, seen by every listener that waits on it.
+pub struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn on_signal() -> Shutdown {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = tx.send(true);
+        });
+        Shutdown(rx)
+    }
+
+    /// Resolves once the signal came.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {

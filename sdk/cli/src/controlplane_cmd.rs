@@ -10,7 +10,7 @@ use somna_controlplane::scheduler::{Overcommit, Policy};
 use somna_controlplane::store::Store;
 use somna_controlplane::{ControlPlane, ControlPlaneConfig};
 
-use crate::agent_args::{init_tracing, shutdown_signal, write_secret};
+use crate::agent_args::{Shutdown, init_tracing, write_secret};
 
 #[derive(Args)]
 pub struct ControlPlaneArgs {
@@ -212,28 +212,21 @@ pub async fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
             println!("  join token: {t}  (somna agent --join {agent_addr} --token {t})");
         }
     }
-    // One signal stops both listeners.
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    // One signal stops every listener.
+    let stop = Shutdown::on_signal();
     let agents_task = tokio::spawn(somna_controlplane::tunnel::serve_agents(
         cp.clone(),
         agents,
         tls,
-        stopped(rx.clone()),
+        stop.wait(),
     ));
     let ingress_task = tokio::spawn(somna_controlplane::serve_ingress(
         cp.clone(),
         ingress,
         ingress_config,
-        stopped(rx.clone()),
+        stop.wait(),
     ));
-    somna_controlplane::serve(cp, api, stopped(rx))
+    somna_controlplane::serve(cp, api, stop.wait())
         .await
         .context("serving the API")?;
     let _ = agents_task.await;

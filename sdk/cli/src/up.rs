@@ -11,7 +11,7 @@ use somna_controlplane::ControlPlane;
 use somna_controlplane::store::Store;
 use somna_hypervisor_agent::Agent;
 
-use crate::agent_args::{AgentArgs, init_tracing, shutdown_signal, write_secret};
+use crate::agent_args::{AgentArgs, Shutdown, init_tracing, write_secret};
 use crate::local_host::LocalHost;
 
 #[derive(Args)]
@@ -81,22 +81,15 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<()> {
         println!("  try: somna sandbox create --image busybox");
     }
     // One signal stops the API and the ingress.
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let stop = Shutdown::on_signal();
     let ingress_task = tokio::spawn(somna_controlplane::serve_ingress(
         control_plane.clone(),
         ingress,
         ingress_config,
-        stopped(rx.clone()),
+        stop.wait(),
     ));
 
-    somna_controlplane::serve(control_plane.clone(), listener, stopped(rx))
+    somna_controlplane::serve(control_plane.clone(), listener, stop.wait())
         .await
         .context("serving the API")?;
     let _ = ingress_task.await;

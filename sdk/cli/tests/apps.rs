@@ -385,6 +385,16 @@ async fn apps_on_a_joined_host_are_served_through_its_tunnel() {
     client.delete_app("far").await.unwrap();
 }
 
+/// Serves `handle(conn)` (python, defined in `handler`) on port 8080, one
+/// thread per connection.
+fn python_server(handler: &str) -> String {
+    format!(
+        "{handler}\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind((\"0.0.0.0\", 8080))\ns.listen(64)\nwhile True:\n    c, _ = s.accept()\n    \
+         threading.Thread(target=handle, args=(c,), daemon=True).start()\n"
+    )
+}
+
 /// A python server for streaming: /events sends one Server-Sent Event,
 /// then a second once /tmp/go exists; `Upgrade` requests get a 101 and
 /// then an upper-casing echo.
@@ -415,14 +425,6 @@ def handle(c):
     else:
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
     c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8080))
-s.listen(64)
-print("streamer up", flush=True)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
 "#;
 
 /// Reads from `s` into `buf` until `needle` appears (30 s at most).
@@ -450,7 +452,7 @@ async fn server_sent_events_stream_and_upgrades_are_spliced() {
     let app = client
         .deploy_app(
             "stream",
-            AppOptions::new("python", 8080).command(["python3", "-c", STREAMER]),
+            AppOptions::new("python", 8080).command(["python3", "-c", &python_server(STREAMER)]),
         )
         .await
         .unwrap();
@@ -522,16 +524,9 @@ def handle(c):
             time.sleep(0.05)
     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
     c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8080))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
 "#;
     let mut opts = AppOptions::new("python", 8080)
-        .command(["python3", "-c", slow])
+        .command(["python3", "-c", &python_server(slow)])
         .replicas(0, 2)
         .idle_timeout(Duration::from_secs(3));
     opts.target_in_flight = 1;

@@ -36,6 +36,10 @@ struct Cli {
     /// Image to use.
     #[arg(long, default_value = "busybox")]
     image: String,
+    /// Start the platform with `--no-jail` (to measure what the VMM jail
+    /// costs).
+    #[arg(long)]
+    no_jail: bool,
     #[command(subcommand)]
     bench: Bench,
 }
@@ -160,6 +164,9 @@ async fn main() -> anyhow::Result<()> {
                 let most = clients.iter().copied().max().unwrap_or(1);
                 opts.extra_args = vec!["--cpu-overcommit".into(), (most as f64).to_string()];
             }
+            if cli.no_jail {
+                opts.extra_args.push("--no-jail".into());
+            }
             Some(Platform::start(opts))
         }
     };
@@ -172,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => Client::connect_with_key(&addr, Some(&p.api_key)).await?,
         None => Client::connect(&addr).await?,
     };
-    let result = match cli.bench {
+    let mut result = match cli.bench {
         Bench::ColdBoot { runs } => cold_boot(&client, &cli.image, runs).await?,
         Bench::ExecRtt { runs } => exec_rtt(&client, &cli.image, runs).await?,
         Bench::StatRtt { runs } => stat_rtt(&client, &cli.image, runs).await?,
@@ -190,6 +197,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Bench::Scheduler { .. } => anyhow::bail!("the scheduler benchmark runs without a platform"),
     };
+    if let Some(o) = result.as_object_mut()
+        && cli.addr.is_none()
+    {
+        o.insert("jail".into(), json!(!cli.no_jail));
+    }
     println!("{result}");
     Ok(())
 }

@@ -70,11 +70,6 @@ pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
     let Ok(before) = cp.inner.store.sandboxes_on_host(host.id()).await else {
         return;
     };
-    let settled: HashSet<String> = before
-        .into_iter()
-        .filter(|r| r.state != "creating" || now_ms() - r.created_ms >= CREATE_GRACE_MS)
-        .map(|r| r.id)
-        .collect();
     let report = tokio::time::timeout(limit, async {
         Ok::<_, tonic::Status>((host.info().await?, host.list_sandboxes().await?))
     })
@@ -90,6 +85,22 @@ pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
             return;
         }
     };
+    // A create begun before the host's agent started died with the
+    // previous agent: settled (failed) at once, not after the grace.
+    let agent_started_ms = info
+        .agent_started_at
+        .as_ref()
+        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .unwrap_or(0);
+    let settled: HashSet<String> = before
+        .into_iter()
+        .filter(|r| {
+            r.state != "creating"
+                || now_ms() - r.created_ms >= CREATE_GRACE_MS
+                || r.created_ms < agent_started_ms
+        })
+        .map(|r| r.id)
+        .collect();
     cp.inner.hosts.reported(host, info.clone());
     let store = &cp.inner.store;
     let row = HostRow {
@@ -145,7 +156,7 @@ async fn reconcile(
                 let _ = store.delete_sandbox(&row.id).await;
             }
             // Still being created: the host lists it once it is under way.
-            None if row.state == "creating" && now_ms() - row.created_ms < CREATE_GRACE_MS => {}
+            None if row.state == "creating" && !settled.contains(&row.id) => {}
             None if row.state == "failed" => {}
             // Settled after the host made its list: the next report has it.
             None if !settled.contains(&row.id) => {}

@@ -50,6 +50,7 @@ pub struct Agent {
     pub(crate) pools: WarmPools,
     pub(crate) network: crate::network::HostNetwork,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    started_at: SystemTime,
 }
 
 /// What `somna host ls` shows about this host.
@@ -65,6 +66,8 @@ pub struct HostInfo {
     /// What the scheduler may demand of this host (`gpu`: the driver does
     /// VFIO passthrough and a GPU is bound to `vfio-pci`).
     pub capabilities: Vec<String>,
+    /// When this agent process started.
+    pub started_at: SystemTime,
 }
 
 #[derive(Debug, Clone)]
@@ -113,10 +116,18 @@ impl Agent {
         }
 
         let network = crate::network::HostNetwork::start(config.network.clone()).await?;
+        let jail = crate::jail::Jail::start(&config.jail, &config.data_dir)
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))?;
 
         let (vmm, version, accel): (Arc<dyn Vmm>, String, AccelChoice) = match &config.vmm {
             // Cloud Hypervisor driver (issue 9): see driver.rs.
             VmmKind::CloudHypervisor { binary } => {
+                if jail.is_enabled() {
+                    warn!(
+                        "the VMM jail covers QEMU only: Cloud Hypervisor runs unjailed (README \"Jail\")"
+                    );
+                }
                 crate::driver::cloud_hypervisor(
                     binary,
                     config.accel,
@@ -131,7 +142,7 @@ impl Agent {
                     ChannelMode::Auto => QemuVmm::default_channel(),
                     ChannelMode::Fixed(kind) => kind,
                 };
-                let qemu = QemuVmm::new(config.qemu_binary.clone(), channel);
+                let qemu = QemuVmm::new(config.qemu_binary.clone(), channel).with_jail(jail);
                 let version = qemu
                     .version()
                     .await
@@ -204,6 +215,7 @@ impl Agent {
             pools: WarmPools::new(&config.warm_pools),
             network,
             sandboxes: RwLock::new(HashMap::new()),
+            started_at: SystemTime::now(),
             config,
         });
         crate::lifecycle::spawn_idle_monitor(&agent);
@@ -447,6 +459,7 @@ impl Agent {
                 Ok(ok) => ok,
                 Err(f) => return Err(self.fail_create(&sandbox, f)),
             };
+        crate::fault::point("create.booted");
         if health.sandbox_id != id {
             live.vm.kill().await;
             let f = LaunchFailure {
@@ -591,6 +604,7 @@ impl Agent {
             }
             None => "not running".to_string(),
         };
+        crate::fault::point("destroy.vmm_stopped");
         sandbox.net.release();
         sandbox.dir.remove().map_err(AgentError::io(format!(
             "remove run directory {}",
@@ -629,6 +643,7 @@ impl Agent {
             templates: self.template_infos(),
             warm_pools: self.pools.infos(),
             capabilities: capability_names(&self.vmm.capabilities()),
+            started_at: self.started_at,
         }
     }
 

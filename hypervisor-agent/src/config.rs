@@ -116,6 +116,10 @@ pub struct AgentConfig {
     /// Sandbox networking (network slots, eBPF policy); None: VMs get no
     /// network device (hosts without eBPF).
     pub network: Option<somna_netd::NetdConfig>,
+    /// How VMM processes are jailed and limited.
+    pub jail: crate::jail::JailConfig,
+    /// Limits on exec output and file transfers.
+    pub transfer: crate::transfer::TransferLimits,
 }
 
 /// A warm pool: `size` VMs of `image` kept restored and paused.
@@ -169,6 +173,8 @@ impl AgentConfig {
             verify_snapshots: true,
             images: somna_images::ImageStoreOptions::default(),
             network: None,
+            jail: crate::jail::JailConfig::default(),
+            transfer: crate::transfer::TransferLimits::default(),
         }
     }
 

@@ -9,7 +9,8 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use somna_proto::guest::v1::guest_agent_client::GuestAgentClient;
 use somna_proto::v1::{
-    ExecRequest, ExecResponse, ExecStart, WriteFileRequest, WriteFileResponse, WriteFileStart,
+    ExecRequest, ExecResponse, ExecStart, FileChunk, ReadFileRequest, WriteFileRequest,
+    WriteFileResponse, WriteFileStart,
 };
 use tonic::Status;
 use tonic::transport::Channel;
@@ -34,6 +35,10 @@ impl Agent {
                 "exec needs a command: argv is empty and the image has no Entrypoint or Cmd".into(),
             ));
         }
+        let output_limit = self.config.transfer.exec_output(start.max_output_bytes);
+        // The guest stops sending past it too (it is only spared work: the
+        // cut is made here).
+        start.max_output_bytes = output_limit;
         let (sandbox, live) = self.awake(&start.sandbox_id).await?;
         let id = start.sandbox_id.clone();
         let guard = sandbox.activity.begin();
@@ -49,6 +54,7 @@ impl Agent {
             .await
             .map_err(AgentError::Guest)?
             .into_inner();
+        crate::fault::point("exec.started");
         let activity = sandbox.activity.clone();
         // End the stream with an explanation when the VM stops under it.
         let stopped = async move {
@@ -57,7 +63,8 @@ impl Agent {
                 "sandbox {id} was put to sleep or destroyed while this command ran; its output after that point is lost"
             ))
         };
-        let stream = until_stopped(responses, stopped).map(move |item| {
+        let limited = crate::transfer::limit_output(responses, output_limit);
+        let stream = until_stopped(limited, stopped).map(move |item| {
             let _keep = &guard;
             activity.touch();
             item
@@ -75,6 +82,24 @@ impl Agent {
         Ok(live.guest.rpc())
     }
 
+    /// Reads a file, failing with RESOURCE_EXHAUSTED past the host's file
+    /// transfer limit (a guest can serve an endless file).
+    pub async fn read_file(
+        self: &Arc<Self>,
+        req: ReadFileRequest,
+    ) -> Result<StatusStream<FileChunk>, AgentError> {
+        let limit = self.config.transfer.max_file_bytes;
+        let path = req.path.clone();
+        let chunks = self
+            .files(&req.sandbox_id)
+            .await?
+            .read_file(req)
+            .await
+            .map_err(AgentError::Guest)?
+            .into_inner();
+        Ok(crate::transfer::limit_read(chunks, path, limit).boxed())
+    }
+
     /// Writes a file: `start` was the client's first message, `rest` the
     /// data chunks.
     pub async fn write_file(
@@ -84,16 +109,43 @@ impl Agent {
     ) -> Result<WriteFileResponse, AgentError> {
         let (sandbox, live) = self.awake(&start.sandbox_id).await?;
         let _guard = sandbox.activity.begin();
+        let limit = self.config.transfer.max_file_bytes;
+        let path = start.path.clone();
         let first = WriteFileRequest {
-            msg: Some(somna_proto::v1::write_file_request::Msg::Start(start)),
+            msg: Some(somna_proto::v1::write_file_request::Msg::Start(
+                start.clone(),
+            )),
         };
-        Ok(live
-            .guest
-            .rpc()
-            .write_file(relay(first, rest))
-            .await
-            .map_err(AgentError::Guest)?
-            .into_inner())
+        // Past the limit, a second `start` makes the guest abandon the
+        // write (it refuses one mid-stream) and the client hears why.
+        let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = over.clone();
+        let mut seen: u64 = 0;
+        let rest = rest
+            .scan(false, move |stop, msg| {
+                if *stop {
+                    return std::future::ready(None);
+                }
+                if let Some(somna_proto::v1::write_file_request::Msg::Data(d)) = &msg.msg {
+                    seen = seen.saturating_add(d.len() as u64);
+                    if seen > limit {
+                        *stop = true;
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return std::future::ready(Some(WriteFileRequest {
+                            msg: Some(somna_proto::v1::write_file_request::Msg::Start(
+                                start.clone(),
+                            )),
+                        }));
+                    }
+                }
+                std::future::ready(Some(msg))
+            })
+            .boxed();
+        let result = live.guest.rpc().write_file(relay(first, rest)).await;
+        if over.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::Guest(crate::transfer::too_large(&path, limit)));
+        }
+        Ok(result.map_err(AgentError::Guest)?.into_inner())
     }
 }
 

@@ -80,6 +80,7 @@ impl Agent {
                 self.fail_sandbox(sandbox, format!("saving its state for sleep failed: {e}"))
             );
         }
+        crate::fault::point("sleep.state_saved");
         let mark = Instant::now();
         live.vm.stop(VMM_STOP_GRACE).await;
         sandbox.net.release();
@@ -100,6 +101,7 @@ impl Agent {
             },
         );
         t.seal_ms = mark.elapsed().as_millis() as u64;
+        crate::fault::point("sleep.sealed");
         if let Err(e) = sealed {
             return Err(self.fail_sandbox(sandbox, format!("sealing its snapshot failed: {e}")));
         }
@@ -217,6 +219,7 @@ impl Agent {
                 });
             }
         };
+        crate::fault::point("wake.restored");
         let restore_ms = started.elapsed().as_millis() as u64 - verify_ms;
         let deadline = Instant::now() + self.config.boot_timeout;
         let woke = match launch::wake_restored(&live, dir, None, deadline).await {

@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
@@ -217,6 +217,33 @@ impl Drop for ImageLease {
     }
 }
 
+/// How long opening a store waits for a cache lock that is held. A lock
+/// is an open file description: a child this process forks (mkfs, tar, a
+/// VMM) shares it until its exec closes it, so a store dropped and reopened
+/// in one process can find its own old lock held for that moment. Another
+/// store holding it holds it far longer than this.
+const CACHE_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+fn take_cache_lock(lock: &fs::File, lock_path: &Path, cache: &Path) -> Result<(), ImageError> {
+    let deadline = Instant::now() + CACHE_LOCK_WAIT;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(ImageError::CacheBusy {
+                    path: cache.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(ImageError::io("cannot lock", lock_path, e));
+            }
+        }
+    }
+}
+
 /// Resolves image references, pulls and imports images, builds cached
 /// root disks, and collects garbage. Cheap to clone (clones share the
 /// cache and its single-flight state).
@@ -348,17 +375,7 @@ impl ImageStore {
             .write(true)
             .open(&lock_path)
             .ctx("cannot open cache lock", &lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(ImageError::CacheBusy {
-                    path: cache.clone(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(ImageError::io("cannot lock", &lock_path, e));
-            }
-        }
+        take_cache_lock(&lock, &lock_path, cache)?;
 
         for entry in fs::read_dir(&tmp_dir).ctx("cannot list", &tmp_dir)? {
             let entry = entry.ctx("cannot list", &tmp_dir)?;

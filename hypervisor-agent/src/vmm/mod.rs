@@ -225,6 +225,8 @@ pub enum VmmError {
     CloudHypervisor(#[from] cloud_hypervisor::ChError),
     #[error("this VMM driver cannot {what}")]
     Unsupported { what: String },
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// A VMM driver.

@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -15,6 +16,7 @@ use serde_json::json;
 
 use super::qmp::{Qmp, QmpError};
 use super::{Accelerator, AgentEndpoint, ChannelKind, Incoming, Vm, VmExit, VmSpec, Vmm, VmmError};
+use crate::jail::Jail;
 use crate::rundir::VmDir;
 
 /// Drives `qemu-system-x86_64`.
@@ -22,13 +24,24 @@ use crate::rundir::VmDir;
 pub struct QemuVmm {
     binary: PathBuf,
     channel: ChannelKind,
+    jail: Jail,
 }
 
 impl QemuVmm {
     /// `channel`: the agent channel to give guests. Use
     /// [`QemuVmm::default_channel`] to pick by what the host supports.
     pub fn new(binary: PathBuf, channel: ChannelKind) -> Self {
-        QemuVmm { binary, channel }
+        QemuVmm {
+            binary,
+            channel,
+            jail: Jail::disabled(),
+        }
+    }
+
+    /// Runs every VMM in `jail`.
+    pub fn with_jail(mut self, jail: Jail) -> Self {
+        self.jail = jail;
+        self
     }
 
     /// vsock where the host has vhost-vsock, virtio-serial otherwise.
@@ -78,7 +91,9 @@ impl QemuVmm {
     pub fn args(&self, spec: &VmSpec, dir: &VmDir, incoming: bool) -> Vec<OsString> {
         let (accel, cpu) = match spec.accelerator {
             Accelerator::Kvm => ("kvm", "host"),
-            Accelerator::Tcg => ("tcg,thread=multi", "max"),
+            // tb-size: the translation cache counts against the VMM's
+            // memory limit (jail::Limits::tcg_overhead_mib).
+            Accelerator::Tcg => ("tcg,thread=multi,tb-size=256", "max"),
         };
         let mut a: Vec<OsString> = [
             "-name",
@@ -260,6 +275,7 @@ impl Vmm for QemuVmm {
         let log = std::fs::File::create(dir.vmm_log()).map_err(io("create VMM log"))?;
         let log2 = log.try_clone().map_err(io("clone VMM log fd"))?;
         let tap = open_tap(spec).await?;
+        let jailed = self.jail.prepare(spec, dir, &self.binary)?.map(Arc::new);
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(self.args(spec, dir, incoming.is_some()))
             .stdin(Stdio::null())
@@ -269,14 +285,14 @@ impl Vmm for QemuVmm {
             // the VMs directly; the agent decides how they end.
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(tap) = &tap {
-            use std::os::fd::AsRawFd;
-            let raw = tap.as_raw_fd();
-            // SAFETY: between fork and exec only async-signal-safe calls:
-            // dup2 and fcntl. The fd stays open in the parent until spawn
-            // returns.
-            unsafe {
-                cmd.pre_exec(move || {
+        let tap_raw = tap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        let jail_in_child = jailed.clone();
+        // SAFETY: between fork and exec only system calls: dup2 and fcntl
+        // on an fd that stays open in the parent until spawn returns, and
+        // the jail's (see `JailedLaunch::enter`).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(raw) = tap_raw {
                     if raw != TAP_FD && libc::dup2(raw, TAP_FD) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -284,9 +300,12 @@ impl Vmm for QemuVmm {
                     if libc::fcntl(TAP_FD, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                match &jail_in_child {
+                    Some(j) => j.enter(),
+                    None => Ok(()),
+                }
+            });
         }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: self.binary.display().to_string(),
@@ -297,7 +316,10 @@ impl Vmm for QemuVmm {
         let pid = child.id().unwrap_or(0);
         dir.write_pid(pid).map_err(io("write pid file"))?;
         let (tx, rx) = watch::channel(None);
+        let jail_held = jailed.clone();
         tokio::spawn(async move {
+            // The uid and cgroup stay taken until the process is gone.
+            let _jail = jail_held;
             let exit = match child.wait().await {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -320,7 +342,7 @@ impl Vmm for QemuVmm {
                 port: somna_proto::GUEST_VSOCK_PORT,
             },
         };
-        tracing::debug!(id = %spec.id, pid, accel = %spec.accelerator, "qemu started");
+        tracing::debug!(id = %spec.id, pid, accel = %spec.accelerator, uid = jailed.as_ref().map(|j| j.uid()), "qemu started");
         let vm = QemuVm {
             pid,
             endpoint,
@@ -694,7 +716,10 @@ mod tests {
             "{args}"
         );
         assert!(!args.contains("-incoming"), "{args}");
-        assert!(args.contains("-accel tcg,thread=multi -cpu max"), "{args}");
+        assert!(
+            args.contains("-accel tcg,thread=multi,tb-size=256 -cpu max"),
+            "{args}"
+        );
         assert!(
             args.contains("file=/c/root,,1.ext4,format=raw,if=none,readonly=on"),
             "{args}"

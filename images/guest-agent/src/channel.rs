@@ -6,7 +6,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, socket,
@@ -17,31 +17,15 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use crate::fdio::FdStream;
 use crate::service::AgentService;
 
-/// The SETTINGS_MAX_FRAME_SIZE the agent advertises. Large frames cut the
-/// per-frame overhead on the slow serial link; the serial session tracker
-/// relies on this bound too (see `h2sync`).
-pub const H2_MAX_FRAME_SIZE: u32 = 1 << 20;
+pub use crate::h2server::H2_MAX_FRAME_SIZE;
 
-/// Serves one HTTP/2 connection until the peer goes away or errs.
-///
-/// Tuned for throughput on one stream over a link with real latency (file
-/// transfers over virtio-serial): large fixed windows instead of the
-/// adaptive BDP probe (its PINGs cost a round trip on a slow link), and no
-/// keepalive pings (the host notices a dead VM by other means, and a ping
-/// timeout while the VM is paused for a snapshot would kill a good session).
+/// Serves one HTTP/2 connection until the peer goes away or errs, with
+/// the settings of [`crate::h2server::builder`].
 pub async fn serve_connection<IO>(io: IO, service: AgentService) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
-        .adaptive_window(false)
-        .max_frame_size(H2_MAX_FRAME_SIZE)
-        .max_send_buf_size(1 << 20)
-        .keep_alive_interval(None);
-    builder
+    crate::h2server::builder()
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
         .await
 }

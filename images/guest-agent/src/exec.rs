@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -150,6 +151,7 @@ async fn not_started(tx: Tx, code: i32, message: String) {
         Event::Started(ExecStarted { pid: 0 }),
         Event::Stderr(format!("somna: {message}\n").into_bytes()),
         Event::Exit(ExecExit {
+            output_truncated: false,
             exit_code: code,
             signal: 0,
             timed_out: false,
@@ -186,6 +188,7 @@ struct Plan {
     pty: Option<PtySize>,
     stdin: bool,
     timeout_ms: u64,
+    max_output_bytes: u64,
     /// Detached: where stdout and stderr go (appended); None when attached.
     detached_output: Option<String>,
 }
@@ -291,6 +294,7 @@ fn plan(root: &Root, start: ExecStart, hostname: &str) -> Result<Plan, Status> {
         pty: start.pty,
         stdin: start.stdin,
         timeout_ms: start.timeout_ms,
+        max_output_bytes: start.max_output_bytes,
         detached_output,
     })
 }
@@ -371,6 +375,7 @@ struct Running {
     stdin: Option<FdStream>,
     pty_master: Option<Arc<OwnedFd>>,
     timeout_ms: u64,
+    max_output_bytes: u64,
 }
 
 fn cstring(s: &str) -> io::Result<CString> {
@@ -430,6 +435,7 @@ fn launch(env: &ExecEnv, plan: &Plan, program: &str) -> io::Result<Running> {
         stdin,
         pty_master,
         timeout_ms: plan.timeout_ms,
+        max_output_bytes: plan.max_output_bytes,
     })
 }
 
@@ -457,6 +463,7 @@ async fn detached(pid: i32, tx: Tx) {
     let events = [
         Event::Started(ExecStarted { pid: pid as u32 }),
         Event::Exit(ExecExit {
+            output_truncated: false,
             exit_code: 0,
             signal: 0,
             timed_out: false,
@@ -599,10 +606,23 @@ async fn supervise(run: Running, requests: Streaming<ExecRequest>, tx: Tx) {
     send(&tx, Event::Started(ExecStarted { pid: pid as u32 })).await;
 
     let (exited_tx, exited_rx) = watch::channel(false);
-    let stdout = tokio::spawn(forward(run.stdout, tx.clone(), true, exited_rx.clone()));
+    // The host enforces the output limit (it cuts and marks); stopping here
+    // one byte past it only spares the channel the bytes the host would
+    // discard.
+    let budget = Arc::new(AtomicU64::new(match run.max_output_bytes {
+        0 => u64::MAX,
+        n => n.saturating_add(1),
+    }));
+    let stdout = tokio::spawn(forward(
+        run.stdout,
+        tx.clone(),
+        true,
+        exited_rx.clone(),
+        budget.clone(),
+    ));
     let stderr = run
         .stderr
-        .map(|s| tokio::spawn(forward(s, tx.clone(), false, exited_rx)));
+        .map(|s| tokio::spawn(forward(s, tx.clone(), false, exited_rx, budget)));
     let input = tokio::spawn(handle_input(requests, run.stdin, pid, run.pty_master));
 
     let timeout = async {
@@ -644,6 +664,7 @@ async fn supervise(run: Running, requests: Streaming<ExecRequest>, tx: Tx) {
 fn exit_event(status: Option<Exit>, timed_out: bool, timeout_ms: u64) -> ExecExit {
     if timed_out {
         return ExecExit {
+            output_truncated: false,
             exit_code: 128 + libc::SIGKILL,
             signal: libc::SIGKILL,
             timed_out: true,
@@ -652,6 +673,7 @@ fn exit_event(status: Option<Exit>, timed_out: bool, timeout_ms: u64) -> ExecExi
     }
     match status {
         Some(Exit::Code(code)) => ExecExit {
+            output_truncated: false,
             exit_code: code,
             signal: 0,
             timed_out: false,
@@ -662,6 +684,7 @@ fn exit_event(status: Option<Exit>, timed_out: bool, timeout_ms: u64) -> ExecExi
                 .map(|s| s.as_str())
                 .unwrap_or("unknown signal");
             ExecExit {
+                output_truncated: false,
                 exit_code: 128 + sig,
                 signal: sig,
                 timed_out: false,
@@ -669,6 +692,7 @@ fn exit_event(status: Option<Exit>, timed_out: bool, timeout_ms: u64) -> ExecExi
             }
         }
         None => ExecExit {
+            output_truncated: false,
             exit_code: 255,
             signal: 0,
             timed_out: false,
@@ -680,7 +704,13 @@ fn exit_event(status: Option<Exit>, timed_out: bool, timeout_ms: u64) -> ExecExi
 /// Forwards one output stream as `stdout`/`stderr` events, as soon as bytes
 /// arrive. After the exit it stops at EOF or once it has waited
 /// `DRAIN_WAIT` in total for more.
-async fn forward(mut src: FdStream, tx: Tx, is_stdout: bool, mut exited: watch::Receiver<bool>) {
+async fn forward(
+    mut src: FdStream,
+    tx: Tx,
+    is_stdout: bool,
+    mut exited: watch::Receiver<bool>,
+    budget: Arc<AtomicU64>,
+) {
     let mut drain: Option<(Duration, Instant)> = None; // (wait budget left, hard deadline)
     loop {
         let mut buf = Vec::with_capacity(OUTPUT_CHUNK);
@@ -706,7 +736,13 @@ async fn forward(mut src: FdStream, tx: Tx, is_stdout: bool, mut exited: watch::
         };
         match read {
             Ok(0) => break,
-            Ok(_) => {
+            Ok(n) => {
+                let allowed = take_budget(&budget, n as u64);
+                if allowed == 0 {
+                    // Read and dropped, so the writer never blocks on us.
+                    continue;
+                }
+                buf.truncate(allowed as usize);
                 let event = if is_stdout {
                     Event::Stdout(buf)
                 } else {
@@ -722,6 +758,16 @@ async fn forward(mut src: FdStream, tx: Tx, is_stdout: bool, mut exited: watch::
             }
         }
     }
+}
+
+/// Takes up to `n` from `budget`; returns what was taken.
+fn take_budget(budget: &AtomicU64, n: u64) -> u64 {
+    let mut taken = 0;
+    let _ = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+        taken = left.min(n);
+        Some(left - taken)
+    });
+    taken
 }
 
 /// Applies the client's stdin, close, signal and resize messages.

@@ -22,6 +22,7 @@ mod dev;
 mod exec;
 mod fdio;
 mod files;
+mod h2server;
 mod h2sync;
 mod identity;
 mod init;

@@ -45,6 +45,17 @@ pub struct AgentArgs {
     /// Do not build template snapshots (every create boots).
     #[arg(long)]
     no_templates: bool,
+    /// Run VMMs unjailed: as root, in the agent's namespaces, without
+    /// cgroup limits (debugging only; see README "Jail").
+    #[arg(long)]
+    no_jail: bool,
+    /// Cut off an exec's output (stdout and stderr together) after this
+    /// many MiB, with a marker; requests may ask for less.
+    #[arg(long, default_value_t = 64)]
+    max_exec_output_mib: u64,
+    /// Refuse file reads and writes larger than this many MiB.
+    #[arg(long, default_value_t = 2048)]
+    max_file_mib: u64,
     /// Never contact a registry: only local layouts, oci: and
     /// docker-archive: images.
     #[arg(long)]
@@ -109,6 +120,9 @@ impl AgentArgs {
         config.accel = self.accel;
         config.warm_pools = self.warm_pools;
         config.templates = !self.no_templates;
+        config.jail.enabled = !self.no_jail;
+        config.transfer.max_exec_output_bytes = self.max_exec_output_mib << 20;
+        config.transfer.max_file_bytes = self.max_file_mib << 20;
         config.images.registry.enabled = !self.no_registries;
         if let Some(r) = self.default_registry {
             config.images.registry.default_registry = r;

@@ -169,6 +169,7 @@ fn host_to_proto(h: HostInfo) -> proto::Host {
             })
             .collect(),
         capabilities: h.capabilities,
+        agent_started_at: ts(h.started_at),
         ..Default::default()
     }
 }
@@ -386,8 +387,7 @@ impl Host for LocalHost {
     }
 
     async fn read_file(&self, req: ReadFileRequest) -> Result<StatusStream<FileChunk>, Status> {
-        let mut guest = self.agent.files(&req.sandbox_id).await?;
-        Ok(guest.read_file(req).await?.into_inner().boxed())
+        Ok(self.agent.read_file(req).await?)
     }
 
     async fn write_file(

@@ -21,6 +21,7 @@ pub struct Command {
     stdin: bool,
     pty: Option<(u16, u16)>,
     detach: Option<String>,
+    max_output_bytes: u64,
 }
 
 impl Command {
@@ -95,6 +96,13 @@ impl Command {
         self.detach = Some(output_file.into());
         self
     }
+    /// Keep at most this many bytes of stdout and stderr together (the
+    /// host's limit, 64 MiB by default, caps it); the rest is discarded
+    /// after a marker and [`Output::output_truncated`] is set.
+    pub fn max_output_bytes(mut self, n: u64) -> Self {
+        self.max_output_bytes = n;
+        self
+    }
     /// Run under a pseudo-terminal of this size.
     pub fn pty(mut self, rows: u16, cols: u16) -> Self {
         self.pty = Some((rows, cols));
@@ -113,6 +121,7 @@ impl Command {
                 .map(|t| t.as_millis().max(1) as u64)
                 .unwrap_or(0),
             stdin: self.stdin,
+            max_output_bytes: self.max_output_bytes,
             detach: self.detach.is_some(),
             output_file: self.detach.unwrap_or_default(),
             pty: self.pty.map(|(rows, cols)| proto::PtySize {
@@ -136,6 +145,9 @@ pub struct Output {
     pub timed_out: bool,
     /// Why the process could not start or was killed, if it says.
     pub message: String,
+    /// It wrote more than its output limit: the output ends with a
+    /// `[somna: output truncated ...]` marker and the rest was discarded.
+    pub output_truncated: bool,
 }
 
 impl Output {
@@ -158,6 +170,7 @@ impl Output {
         self.signal = (e.signal != 0).then_some(e.signal);
         self.timed_out = e.timed_out;
         self.message = e.message;
+        self.output_truncated = e.output_truncated;
     }
 }
 

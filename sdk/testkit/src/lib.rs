@@ -71,6 +71,8 @@ pub struct Options {
     pub insecure_registries: Vec<String>,
     /// Extra arguments for `somna up`.
     pub extra_args: Vec<String>,
+    /// Extra environment for `somna up` (e.g. `SOMNA_FAULT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -82,6 +84,7 @@ impl Options {
             templates: false,
             insecure_registries: Vec::new(),
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -143,6 +146,7 @@ impl Platform {
             })
             .args(registry_args(&o.insecure_registries))
             .args(&o.extra_args)
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "SOMNA_LOG",
                 std::env::var("SOMNA_LOG").unwrap_or_else(|_| "warn".into()),
@@ -214,6 +218,26 @@ impl Platform {
         c.env("SOMNA_ADDR", &self.addr)
             .env("SOMNA_API_KEY", &self.api_key);
         c
+    }
+
+    /// The options the next [`Platform::restart`] uses.
+    pub fn options_mut(&mut self) -> &mut Options {
+        &mut self.options
+    }
+
+    /// Waits up to `timeout` for `somna up` to exit by itself; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL `somna up` (VMs it started keep running, as after a crash).

@@ -497,6 +497,7 @@ class OutputSink:
             timed_out=e.timed_out,
             message=e.message,
             pid=self.pid,
+            output_truncated=e.output_truncated,
         )
 
 

@@ -91,6 +91,8 @@ class ExecResult:
         stderr_bytes: Standard error, exactly as printed.
         signal: The signal that ended the process, if any.
         timed_out: It was killed because its ``timeout`` passed.
+        output_truncated: It wrote more than the exec's output limit; the
+            output ends with a ``[somna: output truncated ...]`` marker.
         message: Why it could not start or was killed, when the server says.
         pid: Its process id inside the sandbox (0 if it never started).
     """
@@ -104,6 +106,7 @@ class ExecResult:
     timed_out: bool = False
     message: str = ""
     pid: int = 0
+    output_truncated: bool = False
 
     @property
     def ok(self) -> bool:

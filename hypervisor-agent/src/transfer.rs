@@ -53,11 +53,8 @@ pub fn limit_output(
     inner.filter_map(move |item| {
         let out = match item {
             Ok(ExecResponse {
-                event: Some(Event::Stdout(mut data) | Event::Stderr(mut data)),
-            }) if truncated => {
-                data.clear();
-                None
-            }
+                event: Some(Event::Stdout(_) | Event::Stderr(_)),
+            }) if truncated => None,
             Ok(ExecResponse {
                 event: Some(ev @ (Event::Stdout(_) | Event::Stderr(_))),
             }) => {
@@ -73,12 +70,10 @@ pub fn limit_output(
                     data.truncate(room as usize);
                     let mut head = data;
                     let marker = truncation_marker(limit).into_bytes();
-                    // The cut-off part keeps its stream; the marker goes to
-                    // stderr so that stdout stays parseable up to the cut.
+                    // The marker follows the kept head in the same event
+                    // (one event in, one out); with nothing kept from a
+                    // stdout chunk it goes to stderr.
                     if is_out {
-                        // Two events cannot come from one: put the marker
-                        // after the head on stdout only when there is no
-                        // head (a common case: a chunk that straddles).
                         if head.is_empty() {
                             Some(Ok(ExecResponse {
                                 event: Some(Event::Stderr(marker)),

@@ -280,12 +280,8 @@ impl Cgroup {
                 self.set("cpu", "cpu.weight", &weight.to_string())?;
                 self.set("memory", "memory.max", &l.memory_bytes.to_string())?;
                 self.set("pids", "pids.max", &l.pids_max.to_string())?;
-                if let Some(IoLimit {
-                    device: (major, minor),
-                    bytes_per_sec: bps,
-                    ops_per_sec: iops,
-                }) = l.io
-                {
+                if let Some(io) = &l.io {
+                    let ((major, minor), bps, iops) = (io.device, io.bytes_per_sec, io.ops_per_sec);
                     let mut v = format!("{major}:{minor}");
                     if let Some(b) = bps {
                         v += &format!(" rbps={b} wbps={b}");
@@ -306,12 +302,8 @@ impl Cgroup {
                     &l.memory_bytes.to_string(),
                 )?;
                 self.set("pids", "pids.max", &l.pids_max.to_string())?;
-                if let Some(IoLimit {
-                    device: (major, minor),
-                    bytes_per_sec: bps,
-                    ops_per_sec: iops,
-                }) = l.io
-                {
+                if let Some(io) = &l.io {
+                    let ((major, minor), bps, iops) = (io.device, io.bytes_per_sec, io.ops_per_sec);
                     for (file, v) in [
                         ("blkio.throttle.read_bps_device", bps),
                         ("blkio.throttle.write_bps_device", bps),

@@ -29,9 +29,10 @@ async fn sh(sb: &Sandbox, script: &str) -> String {
 }
 
 /// Starts a process that counts in a shell variable (memory) and writes the
-/// count to /tmp/counter every 50 ms; returns its pid.
+/// count to /tmp/counter every 50 ms; returns its pid. The count goes in by
+/// rename so a reader never sees the file truncated but not yet written.
 async fn start_counter(sb: &Sandbox) -> String {
-    sh(sb, "i=0; (while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done) >/dev/null 2>&1 & echo $!").await
+    sh(sb, "i=0; (while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.05; done) >/dev/null 2>&1 & echo $!").await
 }
 
 async fn counter(sb: &Sandbox) -> u64 {

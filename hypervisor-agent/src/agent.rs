@@ -16,6 +16,7 @@ use crate::config::{AgentConfig, ChannelMode, GuestArtifacts, VmmKind};
 use crate::error::AgentError;
 use crate::launch::{self, LaunchFailure};
 use crate::pool::WarmPools;
+use crate::record::SandboxRecord;
 use crate::recovery;
 use crate::rundir::VmDir;
 use crate::sandbox::{
@@ -106,12 +107,15 @@ impl Agent {
             .map_err(AgentError::io("resolve configured paths"))?;
         let guest = GuestArtifacts::in_dir(&config.guest_dir).map_err(AgentError::Config)?;
 
-        let report = recovery::reap_leftovers(&config.vms_dir()).await;
-        if report.killed + report.removed > 0 {
+        let recovered = recovery::recover(&config.vms_dir()).await;
+        let report = recovered.report;
+        if report.killed + report.removed + report.rescued > 0 || !recovered.kept.is_empty() {
             info!(
                 killed = report.killed,
                 removed = report.removed,
-                "reaped VMs left by a previous agent"
+                rescued = report.rescued,
+                kept = recovered.kept.len(),
+                "recovered what a previous agent left"
             );
         }
 
@@ -218,6 +222,9 @@ impl Agent {
             started_at: SystemTime::now(),
             config,
         });
+        for (dir, record) in recovered.kept {
+            agent.take_back(dir, record).await;
+        }
         crate::lifecycle::spawn_idle_monitor(&agent);
         crate::pool::spawn_fillers(&agent);
         Ok(agent)
@@ -414,6 +421,7 @@ impl Agent {
             epoch: tokio::sync::watch::channel(0).0,
             activity,
             net: crate::network::SandboxNet::new(req.network.clone()),
+            vmm: self.vmm.name(),
             dir,
         })
     }
@@ -489,6 +497,7 @@ impl Agent {
             i.boot_ms = boot_ms;
         });
         sandbox.activity.touch();
+        sandbox.persist();
         let info = sandbox.info();
         info!(
             boot_ms,
@@ -595,6 +604,10 @@ impl Agent {
         let sandbox = self.lookup(id)?;
         let _lifecycle = sandbox.lifecycle.lock().await;
         sandbox.update(|i| i.state = SandboxState::Destroying);
+        // From here on a crash discards the sandbox instead of adopting it.
+        if let Err(e) = SandboxRecord::remove(&sandbox.dir) {
+            warn!(%id, error = %e, "cannot remove the sandbox record");
+        }
         sandbox.bump_epoch();
         let started = Instant::now();
         let exit = match sandbox.live() {

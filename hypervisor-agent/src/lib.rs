@@ -27,6 +27,7 @@ mod lifecycle;
 mod network;
 mod pool;
 pub mod process;
+pub mod record;
 pub mod recovery;
 pub mod rundir;
 pub mod sandbox;

@@ -11,6 +11,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::agent::{Agent, VMM_STOP_GRACE};
 use crate::error::AgentError;
 use crate::launch;
+use crate::rundir::VmDir;
 use crate::sandbox::{LiveVm, MemoryMode, Sandbox, SandboxInfo, SandboxState};
 use crate::vmm::{Incoming, MemoryBacking};
 
@@ -87,18 +88,12 @@ impl Agent {
         t.stop_ms = mark.elapsed().as_millis() as u64;
 
         let mark = Instant::now();
-        let memory_file = dir.memory_file();
-        let sealed = Snapshot::seal(
-            dir.path(),
-            SnapshotParts {
-                memory: layout,
-                state: &dir.state_file(),
-                memory_file: (layout == MemoryLayout::File).then_some(memory_file.as_path()),
-                disk: &dir.rw_disk(),
-                cpus: info.cpus,
-                memory_mib: info.memory_mib,
-                root_disk: sandbox.root_disk_id.clone(),
-            },
+        let sealed = seal_snapshot(
+            dir,
+            layout,
+            info.cpus,
+            info.memory_mib,
+            sandbox.root_disk_id.clone(),
         );
         t.seal_ms = mark.elapsed().as_millis() as u64;
         crate::fault::point("sleep.sealed");
@@ -106,20 +101,13 @@ impl Agent {
             return Err(self.fail_sandbox(sandbox, format!("sealing its snapshot failed: {e}")));
         }
         let mark = Instant::now();
-        let mut files = vec![dir.state_file(), dir.rw_disk()];
-        if layout == MemoryLayout::File {
-            files.push(memory_file);
-        }
-        for f in &files {
-            if let Err(e) = residency::release(f) {
-                warn!(file = %f.display(), error = %e, "cannot release a snapshot file from the page cache");
-            }
-        }
+        release_snapshot(dir, layout);
         t.release_ms = mark.elapsed().as_millis() as u64;
         sandbox.update(|i| {
             i.state = SandboxState::Sleeping;
             i.sleep_count += 1;
         });
+        sandbox.persist();
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             save_ms = t.save_ms,
@@ -147,6 +135,7 @@ impl Agent {
         match info.state {
             SandboxState::Sleeping => {}
             SandboxState::Running => return Ok(()),
+            SandboxState::Failed if sandbox.can_reboot() => return self.reboot(sandbox).await,
             other => return Err(not_running(&info, other)),
         }
         let started = Instant::now();
@@ -238,12 +227,7 @@ impl Agent {
         // The state is a file (QEMU) or a directory (Cloud Hypervisor; a VM
         // restored from it keeps the files it still reads open).
         let _ = snapshot.unseal();
-        let state = dir.state_file();
-        let _ = if state.is_dir() {
-            std::fs::remove_dir_all(&state)
-        } else {
-            std::fs::remove_file(&state)
-        };
+        remove_state(dir);
         sandbox.set_memory_mode(MemoryMode::Own);
         let restore_mode = live.vm.restore_mode();
         let live = Arc::new(live);
@@ -252,6 +236,7 @@ impl Agent {
             i.state = SandboxState::Running;
             i.wake_count += 1;
         });
+        sandbox.persist();
         sandbox.activity.touch();
         tokio::spawn(watch_vmm(sandbox.clone(), live));
         info!(
@@ -262,6 +247,45 @@ impl Agent {
             restore_mode = restore_mode.as_deref().unwrap_or("-"),
             "sandbox awake"
         );
+        Ok(())
+    }
+
+    /// Boots a sandbox whose VMM died again on its writable disk (fresh
+    /// memory; the caller holds the lifecycle lock). If the boot fails it
+    /// stays failed, its disk still kept.
+    async fn reboot(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let id = sandbox.info().id;
+        let dir = &sandbox.dir;
+        discard_memory(dir);
+        let mut spec = sandbox.spec.clone();
+        sandbox.net.attach(&self.network, &id, &mut spec)?;
+        let deadline = started + self.config.boot_timeout;
+        let live = match launch::boot(self.vmm.as_ref(), &spec, dir, deadline).await {
+            Ok((live, _health)) => live,
+            Err(f) => {
+                sandbox.net.release();
+                warn!(%id, reason = %f.reason, "booting a failed sandbox again on its disk failed");
+                return Err(AgentError::BootFailed {
+                    id,
+                    reason: f.reason,
+                    console: f.console,
+                });
+            }
+        };
+        sandbox.set_memory_mode(MemoryMode::Own);
+        let live = Arc::new(live);
+        sandbox.set_live(Some(live.clone()));
+        let boot_ms = started.elapsed().as_millis() as u64;
+        sandbox.update(|i| {
+            i.state = SandboxState::Running;
+            i.failure = None;
+            i.boot_ms = boot_ms;
+        });
+        sandbox.persist();
+        sandbox.activity.touch();
+        tokio::spawn(watch_vmm(sandbox.clone(), live));
+        info!(%id, boot_ms, "sandbox booted again on its disk");
         Ok(())
     }
 
@@ -311,6 +335,43 @@ impl Agent {
     }
 }
 
+/// Seals the snapshot of a VM that saved its state into `dir` and stopped.
+pub(crate) fn seal_snapshot(
+    dir: &VmDir,
+    layout: MemoryLayout,
+    cpus: u32,
+    memory_mib: u32,
+    root_disk: String,
+) -> Result<Snapshot, somna_snapshotter::SnapshotError> {
+    let memory_file = dir.memory_file();
+    Snapshot::seal(
+        dir.path(),
+        SnapshotParts {
+            memory: layout,
+            state: &dir.state_file(),
+            memory_file: (layout == MemoryLayout::File).then_some(memory_file.as_path()),
+            disk: &dir.rw_disk(),
+            cpus,
+            memory_mib,
+            root_disk,
+        },
+    )
+}
+
+/// Drops a sealed snapshot's files from the host's page cache: a sleeping
+/// sandbox holds no host RAM.
+pub(crate) fn release_snapshot(dir: &VmDir, layout: MemoryLayout) {
+    let mut files = vec![dir.state_file(), dir.rw_disk()];
+    if layout == MemoryLayout::File {
+        files.push(dir.memory_file());
+    }
+    for f in &files {
+        if let Err(e) = residency::release(f) {
+            warn!(file = %f.display(), error = %e, "cannot release a snapshot file from the page cache");
+        }
+    }
+}
+
 fn not_running(info: &SandboxInfo, state: SandboxState) -> AgentError {
     AgentError::NotRunning {
         id: info.id.clone(),
@@ -323,8 +384,9 @@ fn not_running(info: &SandboxInfo, state: SandboxState) -> AgentError {
     }
 }
 
-/// Marks a sandbox failed and reclaims its host resources when its VMM dies
-/// without being asked to.
+/// Marks a sandbox failed when its VMM dies without being asked to, and
+/// reclaims what the VMM held (network slot, memory file) but keeps its
+/// writable disk: a wake boots it again on its files.
 pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
     let exit = live.vm.wait_exit().await;
     let still_current = sandbox.live().is_some_and(|l| Arc::ptr_eq(&l, &live));
@@ -335,17 +397,42 @@ pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
     sandbox.bump_epoch();
     sandbox.net.release();
     let console = sandbox.dir.console_tail(30);
-    let failure =
-        format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}");
+    let failure = format!(
+        "the VMM {exit} unexpectedly{REBOOT_HINT}; last lines of the guest console:\n{console}"
+    );
     let id = sandbox.info().id;
     sandbox.update(|i| {
         i.state = SandboxState::Failed;
         i.failure = Some(failure);
     });
-    warn!(%id, vmm = %exit, "sandbox VMM died; sandbox marked failed");
-    if let Err(e) = sandbox.dir.remove() {
-        warn!(%id, error = %e, "cannot remove run directory of failed sandbox");
+    discard_memory(&sandbox.dir);
+    sandbox.persist();
+    warn!(%id, vmm = %exit, "sandbox VMM died; sandbox marked failed, its disk kept");
+}
+
+/// How a failure that kept the sandbox's disk ends.
+pub(crate) const REBOOT_HINT: &str =
+    ": its processes and memory are lost, its files are kept (wake it to boot it again on them)";
+
+/// Removes a run directory's memory and state files (and any seal over
+/// them), keeping the writable disk.
+pub(crate) fn discard_memory(dir: &VmDir) {
+    if let Ok(s) = Snapshot::open(dir.path()) {
+        let _ = s.unseal();
     }
+    remove_state(dir);
+    let _ = std::fs::remove_file(dir.memory_file());
+}
+
+/// Removes the saved VMM state: a file (QEMU) or a directory (Cloud
+/// Hypervisor).
+fn remove_state(dir: &VmDir) {
+    let state = dir.state_file();
+    let _ = if state.is_dir() {
+        std::fs::remove_dir_all(&state)
+    } else {
+        std::fs::remove_file(&state)
+    };
 }
 
 /// Puts sandboxes to sleep after their idle timeout: no exec in flight and

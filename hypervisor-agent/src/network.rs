@@ -19,7 +19,7 @@ use somna_netd::{Counters, EgressPolicy, ErrorKind, NetError, Netd, NetdConfig, 
 use tracing::{info, warn};
 
 use crate::error::AgentError;
-use crate::sandbox::lock;
+use crate::sandbox::{SandboxState, lock};
 use crate::vmm::{NetSpec, VmSpec};
 
 /// The host's sandbox networking: off, or a running netd.
@@ -150,6 +150,12 @@ impl crate::agent::Agent {
         let sandbox = self.lookup(id)?;
         policy.exposed_tcp_ports = sandbox.net.policy().exposed_tcp_ports;
         sandbox.net.set_policy(policy)?;
+        if matches!(
+            sandbox.state(),
+            SandboxState::Running | SandboxState::Sleeping
+        ) {
+            sandbox.persist();
+        }
         self.get(id)
     }
 

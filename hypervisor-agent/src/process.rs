@@ -37,32 +37,87 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// A process this agent did not start (a VMM left by a previous agent),
+/// held through a pidfd: it is signalled and waited for by that fd, so a
+/// recycled pid is never touched.
+pub struct ForeignProcess {
+    pid: u32,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl ForeignProcess {
+    /// Opens `pid`; None when it no longer exists.
+    pub fn open(pid: u32) -> io::Result<Option<ForeignProcess>> {
+        let fd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // A pidfd becomes readable when the process exits.
+        // SAFETY: the AsyncFd takes ownership of the pidfd, so the fd stays
+        // open (and is not reused) for as long as it is registered.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Some(ForeignProcess { pid, fd }))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Resolves once the process has exited.
+    pub async fn exited(&self) {
+        // Readiness is sticky for an exited process; an error here means
+        // the runtime is going away, which ends the wait just the same.
+        let _ = self.fd.readable().await;
+    }
+
+    /// Sends SIGKILL (nothing if it has exited already).
+    pub fn kill(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number,
+        // a null siginfo and no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.get_ref().as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends SIGKILL and waits until the process has exited.
+    pub async fn kill_and_wait(&self, timeout: Duration) -> io::Result<()> {
+        self.kill()?;
+        tokio::time::timeout(timeout, self.exited())
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "process {} did not exit within {timeout:?} after SIGKILL",
+                        self.pid
+                    ),
+                )
+            })
+    }
+}
+
 /// Sends SIGKILL to `pid` and waits until it has exited. The process need
 /// not be our child. Returns Ok if it is gone (or was already gone).
 pub async fn kill_and_wait(pid: u32, timeout: Duration) -> io::Result<()> {
-    let fd = match pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: plain kill(2) on a pid we just opened a pidfd for.
-    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            return Err(e);
-        }
-    }
-    // A pidfd becomes readable when the process exits.
-    // SAFETY: the AsyncFd takes ownership of the pidfd, so the fd stays open
-    // (and is not reused) for as long as it is registered.
-    let afd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)?;
-    match tokio::time::timeout(timeout, afd.readable()).await {
-        Ok(guard) => guard.map(|_| ()),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("process {pid} did not exit within {timeout:?} after SIGKILL"),
-        )),
+    match ForeignProcess::open(pid)? {
+        Some(p) => p.kill_and_wait(timeout).await,
+        None => Ok(()),
     }
 }
 

@@ -198,6 +198,8 @@ pub(crate) struct Sandbox {
     pub(crate) activity: Arc<Activity>,
     /// Policy and network slot (held while the VMM runs).
     pub(crate) net: crate::network::SandboxNet,
+    /// The VMM driver's name (snapshots are only good for the same one).
+    pub(crate) vmm: &'static str,
 }
 
 impl Sandbox {
@@ -223,6 +225,21 @@ impl Sandbox {
         let pid = live.as_ref().map(|l| l.vm.pid()).unwrap_or(0);
         *lock(&self.live) = live;
         self.update(|i| i.vmm_pid = pid);
+    }
+
+    /// Writes the sandbox's record into its run directory, for a restarted
+    /// agent to take it back (see `record`). Without it the sandbox still
+    /// works; it just does not survive an agent crash.
+    pub(crate) fn persist(&self) {
+        if let Err(e) = crate::record::SandboxRecord::of(self, self.vmm).save(&self.dir) {
+            tracing::warn!(id = %self.info().id, error = %e, "cannot write the sandbox record; it will not survive an agent crash");
+        }
+    }
+
+    /// True when the sandbox failed but its writable disk was kept (its VMM
+    /// died): a wake boots it again on that disk.
+    pub(crate) fn can_reboot(&self) -> bool {
+        self.state() == SandboxState::Failed && self.dir.rw_disk().exists()
     }
 
     pub(crate) fn memory_mode(&self) -> MemoryMode {

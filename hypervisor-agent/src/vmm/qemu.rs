@@ -17,6 +17,7 @@ use serde_json::json;
 use super::qmp::{Qmp, QmpError};
 use super::{Accelerator, AgentEndpoint, ChannelKind, Incoming, Vm, VmExit, VmSpec, Vmm, VmmError};
 use crate::jail::Jail;
+use crate::process::ForeignProcess;
 use crate::rundir::VmDir;
 
 /// Drives `qemu-system-x86_64`.
@@ -349,6 +350,7 @@ impl Vmm for QemuVmm {
             exit: rx,
             qmp_socket: dir.qmp_socket(),
             qmp: tokio::sync::Mutex::new(None),
+            foreign: None,
         };
         if let Some(incoming) = incoming {
             let failed = |what: String| VmmError::Failed {
@@ -386,6 +388,9 @@ pub struct QemuVm {
     qmp_socket: PathBuf,
     /// One QMP connection, opened on first use (QEMU serves one client).
     qmp: tokio::sync::Mutex<Option<Qmp>>,
+    /// Set when a previous agent started the process (crash recovery): it
+    /// is not our child, so it is waited for and killed through a pidfd.
+    foreign: Option<Arc<ForeignProcess>>,
 }
 
 /// Migration bandwidth that never throttles (bytes/s).
@@ -395,6 +400,45 @@ const UNTHROTTLED: u64 = 1 << 40;
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl QemuVm {
+    /// Takes over a QEMU a previous agent started in `dir` (crash
+    /// recovery): control through its QMP socket, exit through a pidfd.
+    /// The guest agent is not reached (the endpoint is the serial socket
+    /// or vsock address the VM was started with, unknown here).
+    pub fn adopt(process: Arc<ForeignProcess>, dir: &VmDir) -> QemuVm {
+        let (tx, rx) = watch::channel(None);
+        let waiter = process.clone();
+        tokio::spawn(async move {
+            waiter.exited().await;
+            let _ = tx.send(Some(VmExit {
+                code: None,
+                signal: None,
+            }));
+        });
+        QemuVm {
+            pid: process.pid(),
+            endpoint: AgentEndpoint::SerialSocket(dir.agent_socket()),
+            exit: rx,
+            qmp_socket: dir.qmp_socket(),
+            qmp: tokio::sync::Mutex::new(None),
+            foreign: Some(process),
+        }
+    }
+
+    /// Makes an adopted VM's state savable again: QEMU refuses a second
+    /// migration out of a VM that a completed one paused ("postmigrate":
+    /// the previous agent died right after saving it for sleep), so such a
+    /// VM runs again for a moment first.
+    pub async fn undo_finished_save(&self) -> Result<(), VmmError> {
+        self.with_qmp(async |q| {
+            let status = q.execute("query-status", None).await?;
+            if status["status"] == "postmigrate" {
+                q.execute("cont", None).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Runs `f` on the QMP connection, connecting first if needed (the
     /// socket appears shortly after QEMU starts) and dropping the connection
     /// after an error so the next call reconnects.
@@ -485,7 +529,11 @@ impl Vm for QemuVm {
     }
 
     async fn kill(&self) -> VmExit {
-        if self.try_exit().is_none() {
+        if let Some(process) = &self.foreign {
+            if let Err(e) = process.kill() {
+                tracing::warn!(pid = self.pid, error = %e, "cannot kill an adopted VMM");
+            }
+        } else if self.try_exit().is_none() {
             // SAFETY: kill(2) on the pid of our own child, which is not yet
             // reaped (the waiter has not reported an exit), so it cannot have
             // been recycled.

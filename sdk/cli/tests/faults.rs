@@ -1,8 +1,10 @@
 //! Crash consistency: `somna up` is SIGKILLed at named points of create,
 //! exec, sleep, wake and destroy (`SOMNA_FAULT`, see
 //! `somna_hypervisor_agent::fault`); the client gets a definite error, and
-//! the next start-up leaves no VMM process, run directory or cgroup behind
-//! and reports every sandbox in a definite state. Real VMs, TCG, root.
+//! the next start-up leaves no VMM process, run directory or cgroup behind.
+//! A sandbox that existed before the crash comes back asleep with its
+//! files, processes and memory; one whose create or destroy was under way
+//! is gone or FAILED with a reason. Real VMs, TCG, root.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -49,9 +51,27 @@ fn crashed(p: &mut Platform, point: &str) {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status:?}");
 }
 
-/// After a restart: nothing of `ids` left on the host, and each is gone or
-/// FAILED with a reason.
-async fn assert_reconciled(p: &Platform, client: &Client, ids: &[String], point: &str) {
+/// The run directories' names.
+fn dir_names(p: &Platform) -> Vec<String> {
+    let mut names: Vec<String> = p
+        .vm_dirs()
+        .iter()
+        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// After a restart: no VMM runs (survivors come back asleep), the only run
+/// directories are the survivors', and nothing of `ids` is left on the
+/// host, each gone or FAILED with a reason.
+async fn assert_reconciled(
+    p: &Platform,
+    client: &Client,
+    ids: &[String],
+    survivors: &[Survivor],
+    point: &str,
+) {
     assert!(
         eventually(Duration::from_secs(20), || async {
             p.vmm_pids().is_empty()
@@ -60,11 +80,9 @@ async fn assert_reconciled(p: &Platform, client: &Client, ids: &[String], point:
         "{point}: orphaned VMMs {:?}",
         p.vmm_pids()
     );
-    assert!(
-        p.vm_dirs().is_empty(),
-        "{point}: run directories left {:?}",
-        p.vm_dirs()
-    );
+    let mut expected: Vec<String> = survivors.iter().map(|s| s.id.clone()).collect();
+    expected.sort();
+    assert_eq!(dir_names(p), expected, "{point}: run directories");
     for id in ids {
         assert!(
             cgroups_of(id).is_empty(),
@@ -80,6 +98,78 @@ async fn assert_reconciled(p: &Platform, client: &Client, ids: &[String], point:
         .await;
         assert!(listed, "{point}: sandbox {id} is not in a definite state");
     }
+    for s in survivors {
+        let asleep = eventually(Duration::from_secs(20), || async {
+            client
+                .sandbox(&s.id)
+                .await
+                .is_ok_and(|sb| sb.info().state == SandboxState::Sleeping as i32)
+        })
+        .await;
+        assert!(
+            asleep,
+            "{point}: {} (crashed at {}) is not back asleep",
+            s.id, s.point
+        );
+    }
+}
+
+/// A sandbox that was running when the platform crashed, with what must
+/// survive the crash: a file on its disk, and a running process (its
+/// memory).
+struct Survivor {
+    id: String,
+    point: &'static str,
+    pid: String,
+}
+
+/// Creates a sandbox and gives it a file and a running process to check
+/// after the crash (exec must not be armed).
+async fn survivor(client: &Client, point: &'static str) -> Survivor {
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
+    sb.write_file("/root/note", point.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let out = sb
+        .exec(Command::from_argv([
+            "sh",
+            "-c",
+            "sleep 100000 >/dev/null 2>&1 & echo $!",
+        ]))
+        .await
+        .unwrap();
+    Survivor {
+        id: sb.id().to_string(),
+        point,
+        pid: out.stdout_text().trim().to_string(),
+    }
+}
+
+/// Wakes a survivor (by exec) and checks its file, its process and its
+/// memory, then destroys it.
+async fn assert_intact(client: &Client, s: &Survivor) {
+    let sb = client.sandbox(&s.id).await.unwrap();
+    let out = sb
+        .exec(Command::from_argv([
+            "sh",
+            "-c",
+            &format!("cat /root/note; echo; kill -0 {} && echo alive", s.pid),
+        ]))
+        .await
+        .unwrap_or_else(|e| panic!("{} (crashed at {}) does not wake: {e}", s.id, s.point));
+    assert_eq!(
+        out.stdout_text(),
+        format!("{}\nalive\n", s.point),
+        "{} (crashed at {})",
+        s.id,
+        s.point
+    );
+    let info = client.sandbox(&s.id).await.unwrap().info().clone();
+    assert!(info.sleep_count >= 1, "{}: {info:?}", s.point);
+    sb.destroy().await.unwrap();
 }
 
 #[tokio::test]
@@ -87,8 +177,9 @@ async fn crashes_at_each_point_are_reconciled_at_start_up() {
     let mut o = Options::new(env!("CARGO_BIN_EXE_somna"));
     o.env = vec![("SOMNA_FAULT".into(), "create.booted".into())];
     let mut p = Platform::start(o);
+    let mut survivors: Vec<Survivor> = Vec::new();
 
-    // create: the VMM is up when the process dies.
+    // create: the VMM is up when the process dies; the sandbox never was.
     let client = p.client().await;
     let err = client
         .create_sandbox(CreateOptions::new("busybox").request_id("fault-create"))
@@ -99,62 +190,64 @@ async fn crashes_at_each_point_are_reconciled_at_start_up() {
     crashed(&mut p, "create.booted");
     let orphans = p.vmm_pids();
     assert_eq!(orphans.len(), 1, "the crash leaves its VMM running");
-    let created: Vec<String> = p
-        .vm_dirs()
-        .iter()
-        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    armed(&mut p, "exec.started");
-    p.restart();
-    let client = p.client().await;
-    assert_reconciled(&p, &client, &created, "create.booted").await;
-
-    // exec
-    let sb = client
-        .create_sandbox(CreateOptions::new("busybox"))
-        .await
-        .unwrap();
-    let id = sb.id().to_string();
-    assert!(sb.exec(Command::new("true")).await.is_err());
-    crashed(&mut p, "exec.started");
+    let created = dir_names(&p);
     armed(&mut p, "sleep.state_saved");
     p.restart();
     let mut client = p.client().await;
-    assert_reconciled(&p, &client, &[id], "exec.started").await;
+    assert_reconciled(&p, &client, &created, &survivors, "create.booted").await;
 
-    // sleep, twice: state written; snapshot sealed.
+    // sleep, twice: state written (the VMM still runs); snapshot sealed.
     for (point, next) in [
         ("sleep.state_saved", "sleep.sealed"),
-        ("sleep.sealed", "wake.restored"),
+        ("sleep.sealed", "exec.started"),
     ] {
-        let sb = client
-            .create_sandbox(CreateOptions::new("busybox"))
-            .await
-            .unwrap();
-        let id = sb.id().to_string();
-        assert!(client.sleep_sandbox(&id).await.is_err());
+        let s = survivor(&client, point).await;
+        assert!(client.sleep_sandbox(&s.id).await.is_err());
         crashed(&mut p, point);
+        survivors.push(s);
         armed(&mut p, next);
         p.restart();
         client = p.client().await;
-        assert_reconciled(&p, &client, &[id], point).await;
+        assert_reconciled(&p, &client, &[], &survivors, point).await;
     }
 
-    // wake
+    // exec: the command runs in the guest when the platform dies.
     let sb = client
         .create_sandbox(CreateOptions::new("busybox"))
         .await
         .unwrap();
+    sb.write_file("/root/note", b"exec.started".to_vec())
+        .await
+        .unwrap();
+    let err = sb
+        .exec(Command::from_argv(["sh", "-c", "sleep 100000"]))
+        .await
+        .expect_err("the exec crashed with the platform");
+    assert!(err.code().is_some(), "a definite error: {err}");
+    crashed(&mut p, "exec.started");
     let id = sb.id().to_string();
-    client.sleep_sandbox(&id).await.unwrap();
-    assert!(client.wake_sandbox(&id).await.is_err());
+    armed(&mut p, "wake.restored");
+    p.restart();
+    let mut client = p.client().await;
+    survivors.push(Survivor {
+        id,
+        point: "exec.started",
+        pid: String::new(),
+    });
+    assert_reconciled(&p, &client, &[], &survivors, "exec.started").await;
+
+    // wake: the VMM restored and runs when the platform dies.
+    let s = survivor(&client, "wake.restored").await;
+    client.sleep_sandbox(&s.id).await.unwrap();
+    assert!(client.wake_sandbox(&s.id).await.is_err());
     crashed(&mut p, "wake.restored");
+    survivors.push(s);
     armed(&mut p, "destroy.vmm_stopped");
     p.restart();
-    let client = p.client().await;
-    assert_reconciled(&p, &client, &[id], "wake.restored").await;
+    client = p.client().await;
+    assert_reconciled(&p, &client, &[], &survivors, "wake.restored").await;
 
-    // destroy
+    // destroy: gone for good, even though its VMM had stopped only.
     let sb = client
         .create_sandbox(CreateOptions::new("busybox"))
         .await
@@ -165,7 +258,28 @@ async fn crashes_at_each_point_are_reconciled_at_start_up() {
     p.options_mut().env.clear();
     p.restart();
     let client = p.client().await;
-    assert_reconciled(&p, &client, &[id], "destroy.vmm_stopped").await;
+    assert_reconciled(&p, &client, &[id], &survivors, "destroy.vmm_stopped").await;
+
+    // Every survivor wakes with its file, its process and its memory.
+    for s in &survivors {
+        if s.point == "exec.started" {
+            // No process to look for: the crashed command's caller is
+            // gone, so the guest may end it.
+            let sb = client.sandbox(&s.id).await.unwrap();
+            let out = sb
+                .exec(Command::from_argv(["cat", "/root/note"]))
+                .await
+                .unwrap();
+            assert_eq!(out.stdout_text(), "exec.started");
+            sb.destroy().await.unwrap();
+        } else {
+            assert_intact(&client, s).await;
+        }
+    }
+    assert!(p.vm_dirs().is_empty(), "{:?}", p.vm_dirs());
+    for s in &survivors {
+        assert!(cgroups_of(&s.id).is_empty(), "{:?}", cgroups_of(&s.id));
+    }
 
     // And the restarted platform works.
     let sb = client

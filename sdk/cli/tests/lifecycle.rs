@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use somna_sdk::proto::SandboxState;
 use somna_sdk::{Command, CreateOptions, Error};
 use somna_testkit::{Options, Platform, processes_mentioning, wait_until};
 
@@ -54,14 +55,27 @@ async fn destroy_leaves_nothing_behind() {
     ));
 }
 
+/// Whether the control plane reports sandbox `id` in `state` within
+/// `secs` seconds.
+async fn becomes(client: &somna_sdk::Client, id: &str, state: SandboxState, secs: u64) -> bool {
+    somna_testkit::eventually(Duration::from_secs(secs), || async {
+        client
+            .sandbox(id)
+            .await
+            .is_ok_and(|s| s.info().state == state as i32)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn restart_after_sigkill_reaps_orphaned_vms() {
+async fn restart_after_sigkill_takes_running_sandboxes_back_asleep() {
     let mut platform = Platform::start(options());
     let client = platform.client().await;
     let sb = client
         .create_sandbox(CreateOptions::new("busybox"))
         .await
         .unwrap();
+    sb.write_file("/root/kept", b"yes".to_vec()).await.unwrap();
     let pids = platform.vmm_pids();
     assert_eq!(pids.len(), 1);
 
@@ -74,32 +88,27 @@ async fn restart_after_sigkill_reaps_orphaned_vms() {
     );
     assert_eq!(platform.vm_dirs().len(), 1);
 
-    // ... until the agent starts again and reaps it.
+    // ... until the agent starts again, puts it to sleep and takes the
+    // sandbox back.
     platform.restart();
     assert!(
         platform.vmm_pids().is_empty(),
-        "orphaned VMM not reaped at start-up"
+        "orphaned VMM not stopped at start-up"
     );
-    assert!(
-        platform.vm_dirs().is_empty(),
-        "leftover run directory not removed"
-    );
+    assert_eq!(platform.vm_dirs().len(), 1, "the sandbox's files are kept");
     let client = platform.client().await;
-    // The store remembers the sandbox; its VM is gone, and it says so.
-    match client.sandbox(sb.id()).await {
-        Ok(s) => {
-            assert_eq!(
-                s.info().state,
-                somna_sdk::proto::SandboxState::Failed as i32
-            );
-            assert!(
-                s.info().failure.contains("no longer has it"),
-                "{}",
-                s.info().failure
-            );
-        }
-        Err(e) => panic!("the sandbox was forgotten: {e:?}"),
-    }
+    assert!(
+        becomes(&client, sb.id(), SandboxState::Sleeping, 20).await,
+        "the sandbox did not come back asleep"
+    );
+    let out = client
+        .attach(sb.id())
+        .exec(Command::from_argv(["cat", "/root/kept"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "yes");
+    client.destroy_sandbox(sb.id()).await.unwrap();
+    assert!(platform.vm_dirs().is_empty());
     // And the restarted platform works.
     let sb2 = client
         .create_sandbox(CreateOptions::new("busybox"))
@@ -110,13 +119,16 @@ async fn restart_after_sigkill_reaps_orphaned_vms() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
+async fn a_dead_vmm_fails_the_sandbox_keeps_its_files_and_a_wake_boots_it_again() {
     let platform = Platform::start(options());
     let client = platform.client().await;
     let mut sb = client
         .create_sandbox(CreateOptions::new("busybox"))
         .await
         .unwrap();
+    sb.write_file("/root/kept", b"yes".to_vec()).await.unwrap();
+    // Written back to the disk now, not only in the guest's page cache.
+    sb.exec(Command::new("sync")).await.unwrap();
     let pids = platform.vmm_pids();
     assert_eq!(pids.len(), 1);
     // SAFETY: kill(2) on the VMM this test's platform started.
@@ -125,26 +137,19 @@ async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
     }
     let run_dir = platform.data_dir().join("vms").join(sb.id());
     assert!(
-        wait_until(Duration::from_secs(10), || !run_dir.exists()),
-        "run directory not reclaimed"
+        wait_until(Duration::from_secs(10), || !run_dir.join("mem").exists()),
+        "the dead VM's memory file was not reclaimed"
     );
+    assert!(run_dir.join("rw.ext4").exists(), "its disk was not kept");
     // The control plane learns it from the host (at the latest with the
     // next heartbeat).
-    let failed = somna_testkit::eventually(Duration::from_secs(10), || {
-        let client = client.clone();
-        let id = sb.id().to_string();
-        async move {
-            client
-                .sandbox(&id)
-                .await
-                .is_ok_and(|s| s.info().state == somna_sdk::proto::SandboxState::Failed as i32)
-        }
-    })
-    .await;
-    assert!(failed, "the sandbox was not marked failed");
+    assert!(
+        becomes(&client, sb.id(), SandboxState::Failed, 10).await,
+        "the sandbox was not marked failed"
+    );
     let info = sb.refresh().await.unwrap().clone();
     assert!(
-        info.failure.contains("killed by signal 9"),
+        info.failure.contains("killed by signal 9") && info.failure.contains("files are kept"),
         "failure: {}",
         info.failure
     );
@@ -152,7 +157,18 @@ async fn a_dead_vmm_fails_the_sandbox_and_frees_its_resources() {
         Err(Error::FailedPrecondition(m)) => assert!(m.contains("failed"), "{m}"),
         other => panic!("exec on a failed sandbox: {other:?}"),
     }
+    // A wake boots it again on its files.
+    let woke = client.wake_sandbox(sb.id()).await.unwrap();
+    assert_eq!(woke.state, SandboxState::Running as i32);
+    assert!(woke.failure.is_empty(), "{}", woke.failure);
+    let out = sb
+        .exec(Command::from_argv(["cat", "/root/kept"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "yes");
+    assert_eq!(platform.vmm_pids().len(), 1);
     sb.destroy().await.unwrap();
+    assert!(!run_dir.exists(), "run directory not removed on destroy");
 }
 
 #[tokio::test(flavor = "multi_thread")]

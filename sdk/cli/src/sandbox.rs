@@ -31,7 +31,8 @@ pub enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Wake sleeping sandboxes (exec and cp wake them by themselves).
+    /// Wake sleeping sandboxes (exec and cp wake them by themselves), or boot
+    /// one whose VMM died again on its kept disk.
     Wake {
         #[arg(required = true)]
         ids: Vec<String>,

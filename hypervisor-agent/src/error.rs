@@ -29,6 +29,15 @@ pub enum AgentError {
     },
     #[error("cannot start the VM of sandbox {id}: {source}")]
     Vmm { id: String, source: VmmError },
+    #[error(
+        "cannot put sandbox {id} to sleep, so it keeps running: {reason}{}",
+        if *disk_full { " (the host's disk is full; the partial snapshot was removed)" } else { "" }
+    )]
+    SleepFailed {
+        id: String,
+        reason: String,
+        disk_full: bool,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -65,6 +74,10 @@ impl AgentError {
             AgentError::NotRunning { .. } => Code::FailedPrecondition,
             AgentError::Image(e) => image_code(e),
             AgentError::BootFailed { .. } => Code::Internal,
+            AgentError::SleepFailed {
+                disk_full: true, ..
+            } => Code::ResourceExhausted,
+            AgentError::SleepFailed { .. } => Code::Internal,
             AgentError::Vmm { .. } | AgentError::Io { .. } | AgentError::Config(_) => {
                 Code::Internal
             }

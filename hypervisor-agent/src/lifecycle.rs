@@ -68,18 +68,24 @@ impl Agent {
         .await;
         t.save_ms = started.elapsed().as_millis() as u64;
         if let Err(e) = saved {
+            let disk_full = crate::rundir::disk_full(dir.path());
+            remove_state(dir);
             // The VM is still there: keep it running rather than lose it.
             if live.vm.resume().await.is_ok() {
                 sandbox.set_live(Some(live.clone()));
-                return Err(AgentError::Vmm {
+                warn!(error = %e, disk_full, "sleep failed; the sandbox keeps running");
+                return Err(AgentError::SleepFailed {
                     id: info.id.clone(),
-                    source: e,
+                    reason: e.to_string(),
+                    disk_full,
                 });
             }
             live.vm.kill().await;
-            return Err(
-                self.fail_sandbox(sandbox, format!("saving its state for sleep failed: {e}"))
-            );
+            sandbox.net.release();
+            return Err(fail_keeping_disk(
+                sandbox,
+                format!("saving its state for sleep failed ({e}), and it could not run on"),
+            ));
         }
         crate::fault::point("sleep.state_saved");
         let mark = Instant::now();
@@ -213,11 +219,13 @@ impl Agent {
         let deadline = Instant::now() + self.config.boot_timeout;
         let woke = match launch::wake_restored(&live, dir, None, deadline).await {
             Ok(w) => w,
+            // The VM is gone (killed) and ran on its files: they are kept.
             Err(f) => {
-                return Err(self.fail_sandbox(
+                sandbox.net.release();
+                return Err(fail_keeping_disk(
                     sandbox,
                     format!(
-                        "it did not come back from sleep: {}\n{}",
+                        "it did not come back from sleep: {}; last lines of the guest console:\n{}",
                         f.reason, f.console
                     ),
                 ));
@@ -397,17 +405,33 @@ pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
     sandbox.bump_epoch();
     sandbox.net.release();
     let console = sandbox.dir.console_tail(30);
-    let failure = format!(
-        "the VMM {exit} unexpectedly{REBOOT_HINT}; last lines of the guest console:\n{console}"
+    fail_keeping_disk(
+        &sandbox,
+        format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}"),
     );
+}
+
+/// Marks a sandbox whose VM is gone failed, frees its memory and state
+/// files and keeps its writable disk, which a wake boots again (the VM and
+/// its network slot are already released).
+fn fail_keeping_disk(sandbox: &Sandbox, reason: String) -> AgentError {
     let id = sandbox.info().id;
+    warn!(%id, %reason, "sandbox failed; its disk is kept");
+    let failure = match reason.split_once("; last lines") {
+        Some((head, tail)) => format!("{head}{REBOOT_HINT}; last lines{tail}"),
+        None => format!("{reason}{REBOOT_HINT}"),
+    };
     sandbox.update(|i| {
         i.state = SandboxState::Failed;
-        i.failure = Some(failure);
+        i.failure = Some(failure.clone());
     });
     discard_memory(&sandbox.dir);
     sandbox.persist();
-    warn!(%id, vmm = %exit, "sandbox VMM died; sandbox marked failed, its disk kept");
+    AgentError::NotRunning {
+        id,
+        state: "failed",
+        detail: format!(": {failure}"),
+    }
 }
 
 /// How a failure that kept the sandbox's disk ends.

@@ -184,6 +184,13 @@ async fn rescue(
         RecordedMemory::TemplateCow => MemoryLayout::Stream,
     };
     let vm = QemuVm::adopt(process.clone(), dir);
+    // A sleep saves the VM with the host connected to its guest channel.
+    // Do the same: with nobody on the serial socket, data the guest has in
+    // flight stalls its port, and the stall would be saved with it (the
+    // guest agent would never answer after the wake).
+    let _channel = tokio::net::UnixStream::connect(dir.agent_socket())
+        .await
+        .ok();
     let saved = async {
         vm.undo_finished_save().await?;
         vm.pause().await?;

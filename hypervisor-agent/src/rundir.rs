@@ -122,6 +122,12 @@ pub fn list(root: &Path) -> io::Result<Vec<VmDir>> {
     Ok(dirs)
 }
 
+/// True when the file system holding `path` has no space left for an
+/// unprivileged writer (what a VMM is).
+pub fn disk_full(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path).is_ok_and(|s| s.blocks_available() == 0)
+}
+
 /// Reads at most the last 64 KiB of a log file and keeps its last lines.
 fn tail_lines(path: &Path, max_lines: usize) -> String {
     const WINDOW: u64 = 64 * 1024;

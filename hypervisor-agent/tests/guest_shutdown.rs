@@ -1,6 +1,7 @@
 //! The guest agent's clean shutdown as PID 1 in a real microVM: it ends the
 //! guest's processes, syncs and powers the VM off, so the VMM exits by
-//! itself (status 0) and the agent reclaims the sandbox.
+//! itself (status 0) and the agent reclaims what the VM held, keeping the
+//! sandbox's disk for a wake to boot again.
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ async fn guest_shutdown_powers_the_vm_off() {
     guest.shutdown(ShutdownRequest {}).await.unwrap();
 
     let run_dir = info.run_dir.clone();
+    let mem = run_dir.join("mem");
     let agent2 = agent.clone();
     let id = info.id.clone();
     let failed = tokio::task::spawn_blocking(move || {
@@ -39,7 +41,7 @@ async fn guest_shutdown_powers_the_vm_off() {
             agent2
                 .get(&id)
                 .is_ok_and(|i| i.state == SandboxState::Failed)
-                && !run_dir.exists()
+                && !mem.exists()
         })
     })
     .await
@@ -54,6 +56,8 @@ async fn guest_shutdown_powers_the_vm_off() {
         failure.contains("Power down"),
         "the guest powered off cleanly: {failure}"
     );
+    assert!(run_dir.join("rw.ext4").exists(), "its disk is kept");
     agent.destroy(&info.id).await.unwrap();
     assert!(agent.list().is_empty());
+    assert!(!run_dir.exists());
 }

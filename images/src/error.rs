@@ -284,6 +284,12 @@ impl ImageError {
             | MalformedBlob { .. }
             | InvalidLayerEntry { .. }
             | InvalidLayer { .. } => ErrorKind::DataLoss,
+            // A full cache file system is the host running out of a
+            // resource, not a bug.
+            Io { source, .. } if is_disk_full(source) => ErrorKind::ResourceExhausted,
+            ToolFailed { stderr, .. } if stderr.contains("No space left on device") => {
+                ErrorKind::ResourceExhausted
+            }
             ToolFailed { .. } | Io { .. } => ErrorKind::Internal,
             RegistryUnreachable { .. } | RegistryFailed { .. } => ErrorKind::Unavailable,
             AuthFailed { .. } => ErrorKind::Unauthenticated,
@@ -328,4 +334,12 @@ impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, what: &str, path: &std::path::Path) -> Result<T, ImageError> {
         self.map_err(|e| ImageError::io(what, path, e))
     }
+}
+
+/// ENOSPC or EDQUOT: the file system (or the quota) is full.
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+    ) || e.kind() == std::io::ErrorKind::StorageFull
 }

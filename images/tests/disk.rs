@@ -462,3 +462,46 @@ async fn writable_disk_is_sparse_ext4_and_fast() {
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(!tmp.path().join("tiny").exists());
 }
+
+/// Incompressible bytes (xorshift), so the layer blob is as big as the file.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A cache on a full file system: the conversion fails with an error that
+/// says so (RESOURCE_EXHAUSTED), no partial file is left behind, and the
+/// same image converts once there is room.
+#[tokio::test]
+async fn a_full_cache_disk_fails_the_conversion_cleanly() {
+    require_root();
+    let w = World::new();
+    w.image(
+        "big:latest",
+        vec![Tar::new().file("data", &noise(3 << 20)).build()],
+    );
+    let mount = somna_testkit::Tmpfs::mount(&w.cache(), "5m");
+    let store = w.store();
+    let err = match store.resolve("big").await {
+        Ok(image) => store.root_disk(&image).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    let (_, _, disks, tmp) = w.cache_counts();
+    assert_eq!((disks, tmp), (0, 0), "partial files left behind");
+    drop(store);
+    drop(mount);
+
+    let store = w.store();
+    let image = store.resolve("big").await.unwrap();
+    let disk = store.root_disk(&image).await.unwrap();
+    assert_eq!(cat(&disk.path, "/data"), noise(3 << 20));
+}

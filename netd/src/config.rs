@@ -96,6 +96,11 @@ pub struct NetdConfig {
     /// Runtime state: the bpffs mount with pinned programs and the record of
     /// the sysctls netd changed. Under `/run` so a reboot clears it.
     pub state_dir: PathBuf,
+    /// Each sandbox's outbound traffic is shaped to this rate (a token
+    /// bucket on its slot's uplink: excess is queued, then dropped), so a
+    /// guest flooding the network cannot take the host's bandwidth from
+    /// its neighbours. 0: unlimited.
+    pub egress_rate_mbit: u32,
 }
 
 impl Default for NetdConfig {
@@ -108,9 +113,13 @@ impl Default for NetdConfig {
             egress: Egress::Any,
             host_services: HostService::dns(),
             state_dir: PathBuf::from("/run/somna-netd"),
+            egress_rate_mbit: DEFAULT_EGRESS_RATE_MBIT,
         }
     }
 }
+
+/// The default per-sandbox egress rate (Mbit/s).
+pub const DEFAULT_EGRESS_RATE_MBIT: u32 = 1000;
 
 /// Longest index whose names still fit in IFNAMSIZ with an 8-char prefix.
 const MAX_SLOT_INDEX: u32 = 99_999;

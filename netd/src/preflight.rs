@@ -16,8 +16,9 @@ use crate::{
 /// LTS line). TCX attachment is used from 6.6 on, tc clsact before.
 const MIN_KERNEL: (u8, u8) = (5, 10);
 
-const TOOLS: [(&str, &str); 3] = [
+const TOOLS: [(&str, &str); 4] = [
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("nft", "nftables"),
     ("conntrack", "conntrack"),
 ];

@@ -117,7 +117,8 @@ fn build_inner(
                 guest_mac = mac_string(&GUEST_MAC),
             )),
         )?;
-        nft::load(&slot_rules)
+        nft::load(&slot_rules)?;
+        shape_egress(cfg.egress_rate_mbit)
     })?;
 
     // Programs last: the maps know the slot (inactive, so everything
@@ -135,6 +136,36 @@ fn build_inner(
         host_ifindex,
         links: Some(links),
     })
+}
+
+/// A token bucket on the slot's uplink (its veth's egress): what the guest
+/// sends leaves the slot at no more than `rate_mbit`. Bursts of 10 ms at
+/// that rate (at least 64 KiB) pass unqueued; up to 50 ms more is queued;
+/// the rest is dropped (`tc -s qdisc` in the slot namespace counts it).
+fn shape_egress(rate_mbit: u32) -> Result<()> {
+    if rate_mbit == 0 {
+        return Ok(());
+    }
+    let burst_bytes = (u64::from(rate_mbit) * 1_000_000 / 8 / 100).max(64 * 1024);
+    sys::run(
+        "tc",
+        &[
+            "qdisc",
+            "replace",
+            "dev",
+            SLOT_VETH_NAME,
+            "root",
+            "tbf",
+            "rate",
+            &format!("{rate_mbit}mbit"),
+            "burst",
+            &burst_bytes.to_string(),
+            "latency",
+            "50ms",
+        ],
+        None,
+    )
+    .map(|_| ())
 }
 
 /// Removes slot `idx` for good: programs, maps, devices, namespace,

@@ -90,6 +90,11 @@ pub struct AgentArgs {
     /// Interface sandbox traffic leaves through (NAT); default: any.
     #[arg(long, requires = "network")]
     network_egress: Option<String>,
+    /// Each sandbox's outbound bandwidth in Mbit/s (0: unlimited), so a
+    /// guest flooding the network cannot starve its neighbours (with
+    /// --network).
+    #[arg(long, default_value_t = somna_netd::DEFAULT_EGRESS_RATE_MBIT, requires = "network")]
+    network_egress_mbit: u32,
 }
 
 impl AgentArgs {
@@ -132,6 +137,7 @@ impl AgentArgs {
         if self.network {
             let mut net = somna_netd::NetdConfig {
                 pool_size: self.network_pool,
+                egress_rate_mbit: self.network_egress_mbit,
                 ..Default::default()
             };
             if let Some(p) = self.network_prefix {

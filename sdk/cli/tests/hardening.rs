@@ -6,10 +6,10 @@
 //! stdout gets a definite outcome while its neighbour keeps answering.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use somna_sdk::{Command, CreateOptions, Sandbox};
-use somna_testkit::{Options, Platform};
+use somna_testkit::{Options, Platform, assert_neighbour_fine, exec_latency};
 use tonic::Code;
 
 fn platform(extra: &[&str]) -> Platform {
@@ -268,30 +268,6 @@ async fn exec_output_and_file_transfers_are_capped() {
     sb.destroy().await.unwrap();
 }
 
-/// Median latency of a trivial exec in `sb`.
-async fn exec_latency(sb: &Sandbox) -> Duration {
-    let mut v = Vec::new();
-    for _ in 0..9 {
-        let t = Instant::now();
-        let out = sh(sb, "true").await;
-        assert_eq!(out.exit_code, 0);
-        v.push(t.elapsed());
-    }
-    v.sort();
-    v[v.len() / 2]
-}
-
-async fn assert_neighbour_fine(n: &Sandbox, idle: Duration, what: &str) {
-    let busy = exec_latency(n).await;
-    eprintln!("neighbour exec p50: idle {idle:?}, during {what} {busy:?}");
-    // Within 2x of idle; a floor of 20 ms absorbs scheduler noise on an
-    // idle exec of a few milliseconds.
-    assert!(
-        busy <= 2 * idle.max(Duration::from_millis(20)),
-        "during {what} the neighbour's exec took {busy:?} (idle {idle:?})"
-    );
-}
-
 #[tokio::test]
 async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
     let p = platform(&[]);
@@ -374,4 +350,56 @@ async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
     o.destroy().await.unwrap();
     assert_eq!(sh(&neighbour, "echo ok").await.stdout_text(), "ok\n");
     neighbour.destroy().await.unwrap();
+}
+
+/// A sleep that finds the host's disk full fails with RESOURCE_EXHAUSTED,
+/// removes its partial snapshot and leaves the sandbox running; with room
+/// again the same sandbox sleeps and wakes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_a_sleep_cleanly() {
+    let p = platform(&[]);
+    let vms = p.data_dir().join("vms");
+    // RAM and disk of the sandbox below, allocated in full, and room for
+    // its logs and sockets.
+    let mount = somna_testkit::Tmpfs::mount(&vms, "200m");
+    let client = p.client().await;
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox").memory_mib(128).disk_mib(64))
+        .await
+        .unwrap();
+    let dir = vms.join(sb.id());
+    // Every block the VM writes to exists already, so the full file system
+    // is met by the snapshot only (a guest page with nowhere to go would
+    // kill the VMM with SIGBUS instead).
+    for (file, mib) in [("mem", 128), ("rw.ext4", 64)] {
+        let ok = std::process::Command::new("fallocate")
+            .args(["-l", &format!("{mib}MiB")])
+            .arg(dir.join(file))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "fallocate {file}");
+    }
+    let filler = mount.fill("filler");
+
+    let err = client.sleep_sandbox(sb.id()).await.unwrap_err();
+    let status = match &err {
+        somna_sdk::Error::ResourceExhausted(m) => m.clone(),
+        other => panic!("a full disk: {other:?}"),
+    };
+    assert!(status.contains("disk is full"), "{status}");
+    assert!(!dir.join("state").exists(), "the partial snapshot was left");
+    let out = sb
+        .exec(Command::from_argv(["echo", "still here"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "still here\n");
+
+    std::fs::remove_file(filler).unwrap();
+    client.sleep_sandbox(sb.id()).await.unwrap();
+    let out = sb
+        .exec(Command::from_argv(["echo", "awake"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "awake\n");
+    sb.destroy().await.unwrap();
 }

@@ -20,6 +20,11 @@ struct World {
 }
 
 fn world(n: u8) -> Option<World> {
+    world_with(n, &[])
+}
+
+/// [`world`] with extra `somna up` arguments.
+fn world_with(n: u8, extra: &[&str]) -> Option<World> {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipping: sandbox networking needs root");
         return None;
@@ -48,6 +53,7 @@ fn world(n: u8) -> Option<World> {
         &uplink,
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Some(World {
@@ -263,4 +269,88 @@ async fn network_traffic_keeps_a_sandbox_awake() {
         "a quiet sandbox sleeps after its idle timeout"
     );
     sb.destroy().await.unwrap();
+}
+
+/// Packets the slots' egress shapers of this world delayed or dropped
+/// (`tc -s qdisc` on each slot's uplink, in the slot's namespace).
+fn shaped_packets(prefix: &str) -> u64 {
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let mut total = 0;
+    for ns in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-s")))
+    {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show", "dev",
+            ])
+            .arg(somna_netd::contract::SLOT_VETH_NAME)
+            .output()
+            .unwrap();
+        let qdiscs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for q in qdiscs.as_array().into_iter().flatten() {
+            if q["kind"] == "tbf" {
+                total += q["overlimits"].as_u64().unwrap_or(0) + q["drops"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// A guest flooding the network is held to its egress rate (its slot's
+/// token bucket delays and drops the excess) while its neighbour keeps
+/// answering within 2x of its idle exec latency.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_flooding_the_network_is_rate_limited() {
+    let Some(w) = world_with(4, &["--network-egress-mbit", "8"]) else {
+        return;
+    };
+    let client = w.platform.client().await;
+    let neighbour = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
+    let idle = somna_testkit::exec_latency(&neighbour).await;
+    assert_eq!(
+        shaped_packets("somnaq4"),
+        0,
+        "nothing shaped before the flood"
+    );
+
+    let flood = client
+        .create_sandbox(CreateOptions::new("busybox"))
+        .await
+        .unwrap();
+    let a = w.server.addr();
+    // 64 MiB at 8 Mbit/s would take over a minute: it runs throughout.
+    flood
+        .exec(Command::from_argv([
+            "sh",
+            "-c",
+            &format!(
+                "(dd if=/dev/zero bs=64k count=1024 2>/dev/null | nc {} {} >/dev/null) >/dev/null 2>&1 &",
+                a.ip(),
+                a.port()
+            ),
+        ]))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            shaped_packets("somnaq4") > 0
+        })
+        .await,
+        "the flood never met its slot's egress limit"
+    );
+    somna_testkit::assert_neighbour_fine(&neighbour, idle, "a network flood").await;
+    assert!(
+        reaches(&neighbour, &w.server).await,
+        "the neighbour still reaches the internet"
+    );
+    flood.destroy().await.unwrap();
+    neighbour.destroy().await.unwrap();
 }

@@ -6,10 +6,12 @@
 mod cluster;
 mod postgres;
 mod registry;
+mod tmpfs;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use postgres::Postgres;
 pub use registry::Registry;
+pub use tmpfs::Tmpfs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -362,4 +364,32 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Median latency of a trivial exec (`true`) in `sb`, over 9 runs.
+pub async fn exec_latency(sb: &somna_sdk::Sandbox) -> Duration {
+    let mut v = Vec::new();
+    for _ in 0..9 {
+        let t = std::time::Instant::now();
+        let out = sb
+            .exec(somna_sdk::Command::new("true"))
+            .await
+            .expect("exec in the neighbour");
+        assert_eq!(out.exit_code, 0);
+        v.push(t.elapsed());
+    }
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The abuse tests' bar for a neighbour: its exec latency during `what`
+/// stays within 2x of `idle` (a floor of 20 ms absorbs scheduler noise on
+/// an idle exec of a few milliseconds).
+pub async fn assert_neighbour_fine(n: &somna_sdk::Sandbox, idle: Duration, what: &str) {
+    let busy = exec_latency(n).await;
+    eprintln!("neighbour exec p50: idle {idle:?}, during {what} {busy:?}");
+    assert!(
+        busy <= 2 * idle.max(Duration::from_millis(20)),
+        "during {what} the neighbour's exec took {busy:?} (idle {idle:?})"
+    );
 }

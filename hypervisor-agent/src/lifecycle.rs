@@ -397,6 +397,9 @@ fn not_running(info: &SandboxInfo, state: SandboxState) -> AgentError {
 /// writable disk: a wake boots it again on its files.
 pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
     let exit = live.vm.wait_exit().await;
+    // After any sleep, wake or destroy under way: those stop the VMM on
+    // purpose (and a destroy must not race the record written below).
+    let _lifecycle = sandbox.lifecycle.lock().await;
     let still_current = sandbox.live().is_some_and(|l| Arc::ptr_eq(&l, &live));
     if !still_current || sandbox.state() != SandboxState::Running {
         return;

@@ -95,11 +95,19 @@ impl VmDir {
         tail_lines(&self.vmm_log(), max_lines)
     }
 
-    /// Removes the directory and everything in it. Missing is fine.
+    /// Removes the directory and everything in it. Missing is fine. A file
+    /// that appears while it is being emptied (a VMM writing its log as it
+    /// dies) gets another pass.
     pub fn remove(&self) -> io::Result<()> {
-        match std::fs::remove_dir_all(&self.path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
+        let mut passes = 0;
+        loop {
+            match std::fs::remove_dir_all(&self.path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && passes < 3 => {
+                    passes += 1;
+                }
+                other => return other,
+            }
         }
     }
 }

@@ -81,10 +81,10 @@ impl Agent {
                 });
             }
             live.vm.kill().await;
-            sandbox.net.release();
             return Err(fail_keeping_disk(
                 sandbox,
-                format!("saving its state for sleep failed ({e}), and it could not run on"),
+                &format!("saving its state for sleep failed ({e}), and it could not run on"),
+                None,
             ));
         }
         crate::fault::point("sleep.state_saved");
@@ -221,13 +221,10 @@ impl Agent {
             Ok(w) => w,
             // The VM is gone (killed) and ran on its files: they are kept.
             Err(f) => {
-                sandbox.net.release();
                 return Err(fail_keeping_disk(
                     sandbox,
-                    format!(
-                        "it did not come back from sleep: {}; last lines of the guest console:\n{}",
-                        f.reason, f.console
-                    ),
+                    &format!("it did not come back from sleep: {}", f.reason),
+                    Some(&f.console),
                 ));
             }
         };
@@ -406,22 +403,23 @@ pub(crate) async fn watch_vmm(sandbox: Arc<Sandbox>, live: Arc<LiveVm>) {
     }
     sandbox.set_live(None);
     sandbox.bump_epoch();
-    sandbox.net.release();
     let console = sandbox.dir.console_tail(30);
     fail_keeping_disk(
         &sandbox,
-        format!("the VMM {exit} unexpectedly; last lines of the guest console:\n{console}"),
+        &format!("the VMM {exit} unexpectedly"),
+        Some(&console),
     );
 }
 
-/// Marks a sandbox whose VM is gone failed, frees its memory and state
-/// files and keeps its writable disk, which a wake boots again (the VM and
-/// its network slot are already released).
-fn fail_keeping_disk(sandbox: &Sandbox, reason: String) -> AgentError {
+/// Marks a sandbox whose VM is gone failed, frees its network slot,
+/// memory and state files and keeps its writable disk, which a wake boots
+/// again. The failure ends with the last lines of the guest `console`.
+fn fail_keeping_disk(sandbox: &Sandbox, reason: &str, console: Option<&str>) -> AgentError {
     let id = sandbox.info().id;
     warn!(%id, %reason, "sandbox failed; its disk is kept");
-    let failure = match reason.split_once("; last lines") {
-        Some((head, tail)) => format!("{head}{REBOOT_HINT}; last lines{tail}"),
+    sandbox.net.release();
+    let failure = match console {
+        Some(c) => format!("{reason}{REBOOT_HINT}; last lines of the guest console:\n{c}"),
         None => format!("{reason}{REBOOT_HINT}"),
     };
     sandbox.update(|i| {

@@ -55,9 +55,15 @@ pub(crate) fn spawn(cp: &ControlPlane) {
     });
 }
 
-/// How long a host may take to list a sandbox the control plane asked it
-/// to create.
-const CREATE_GRACE_MS: i64 = 120_000;
+/// How long a create's host call may take to reach its host: a row still
+/// `creating` after this, which the host neither lists nor has under way,
+/// was never asked for there (its control plane died first, or the call
+/// was lost).
+const SEND_GRACE_MS: i64 = 10_000;
+
+/// How old a sandbox a host lists without any row in the store must be
+/// before it is destroyed as an orphan (a create racing its row's removal).
+const ORPHAN_GRACE_MS: i64 = 30_000;
 
 /// Asks `host` for its report and its sandboxes and brings the store in
 /// line with them.
@@ -86,21 +92,22 @@ pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
         }
     };
     // A create begun before the host's agent started died with the
-    // previous agent: settled (failed) at once, not after the grace.
-    let agent_started_ms = info
-        .agent_started_at
-        .as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-        .unwrap_or(0);
+    // previous agent; one the host has not got (listed or under way) after
+    // the send grace never reached it. Both are settled at once. The host
+    // moves an id from under way to listed, never out of both, and its
+    // report was taken before its list.
+    let agent_started_ms = millis(info.agent_started_at.as_ref());
+    let under_way: HashSet<&str> = info.creates_under_way.iter().map(|s| s.as_str()).collect();
     let settled: HashSet<String> = before
-        .into_iter()
+        .iter()
         .filter(|r| {
             r.state != "creating"
-                || now_ms() - r.created_ms >= CREATE_GRACE_MS
                 || r.created_ms < agent_started_ms
+                || (now_ms() - r.created_ms >= SEND_GRACE_MS && !under_way.contains(r.id.as_str()))
         })
-        .map(|r| r.id)
+        .map(|r| r.id.clone())
         .collect();
+    drop(under_way);
     cp.inner.hosts.reported(host, info.clone());
     let store = &cp.inner.store;
     let row = HostRow {
@@ -115,7 +122,12 @@ pub(crate) async fn heartbeat(cp: &ControlPlane, host: &Arc<dyn Host>) {
         warn!(host = host.id(), error = %e, "cannot record the host's heartbeat");
         return;
     }
-    reconcile(cp, host, &settled, sandboxes).await;
+    reconcile(cp, host, &settled, agent_started_ms, sandboxes).await;
+}
+
+fn millis(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .unwrap_or(0)
 }
 
 /// Sandboxes the store places on `host`, against what `host` reports.
@@ -123,6 +135,7 @@ async fn reconcile(
     cp: &ControlPlane,
     host: &Arc<dyn Host>,
     settled: &HashSet<String>,
+    agent_started_ms: i64,
     reported: Vec<somna_proto::v1::Sandbox>,
 ) {
     let store = &cp.inner.store;
@@ -131,6 +144,15 @@ async fn reconcile(
     };
     let by_id: HashMap<String, somna_proto::v1::Sandbox> =
         reported.into_iter().map(|s| (s.id.clone(), s)).collect();
+    let known: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let orphans: Vec<&somna_proto::v1::Sandbox> = by_id
+        .values()
+        .filter(|s| !known.contains(s.id.as_str()))
+        .collect();
+    for orphan in orphans {
+        destroy_orphan(cp, host, orphan).await;
+    }
+    drop(known);
     for mut row in rows {
         match by_id.get(&row.id) {
             Some(_) if row.state == "destroying" => {
@@ -160,6 +182,13 @@ async fn reconcile(
             None if row.state == "failed" => {}
             // Settled after the host made its list: the next report has it.
             None if !settled.contains(&row.id) => {}
+            // The host never got it: the client had an error (its control
+            // plane died, or the call failed), so the create did not
+            // happen; the same request id may create it again.
+            None if row.state == "creating" && row.created_ms >= agent_started_ms => {
+                warn!(id = %row.id, host = host.id(), "a create never reached its host; forgetting it");
+                let _ = store.delete_sandbox(&row.id).await;
+            }
             None => {
                 warn!(id = %row.id, host = host.id(), "the host no longer has this sandbox");
                 row.state = "failed".into();
@@ -169,6 +198,24 @@ async fn reconcile(
                 let _ = store.update_sandbox(&row).await;
             }
         }
+    }
+}
+
+/// Destroys a sandbox `host` runs that the store has no row for (so no
+/// client can reach it), once it is old enough not to be a create whose
+/// row is being written.
+async fn destroy_orphan(cp: &ControlPlane, host: &Arc<dyn Host>, s: &somna_proto::v1::Sandbox) {
+    if now_ms() - millis(s.created_at.as_ref()) < ORPHAN_GRACE_MS {
+        return;
+    }
+    // A fresh read: the row may belong to another host's list, or have
+    // been written since.
+    if !matches!(cp.inner.store.sandbox(None, &s.id).await, Ok(None)) {
+        return;
+    }
+    warn!(id = %s.id, host = host.id(), "the host runs a sandbox the store does not know; destroying it");
+    if let Err(e) = host.destroy_sandbox(&s.id).await {
+        warn!(id = %s.id, error = %e.message(), "destroying an orphaned sandbox failed");
     }
 }
 

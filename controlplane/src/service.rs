@@ -41,6 +41,11 @@ pub struct ControlPlaneConfig {
     pub default_cpus: u32,
     pub default_memory_mib: u32,
     pub default_disk_mib: u32,
+    /// Crash-consistency tests only: called at each named point of the
+    /// control plane's own work (`controlplane.create.recorded`, ...), it
+    /// may end the process there (the binary wires `SOMNA_FAULT` to it).
+    /// `None` in production.
+    pub fault: Option<fn(&'static str)>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -53,6 +58,7 @@ impl Default for ControlPlaneConfig {
             default_cpus: 1,
             default_memory_mib: 512,
             default_disk_mib: 1024,
+            fault: None,
         }
     }
 }
@@ -293,12 +299,60 @@ impl ControlPlane {
         Ok((views, hosts))
     }
 
+    /// A named point for crash tests (see [`ControlPlaneConfig::fault`]).
+    pub(crate) fn fault(&self, point: &'static str) {
+        if let Some(fault) = self.inner.config.fault {
+            fault(point);
+        }
+    }
+
+    /// Runs a state-changing call to its end even if the client hangs up
+    /// (tonic drops a handler whose client went away): cut short, it would
+    /// leave a row `creating` or `waking` that only the heartbeat settles.
+    pub(crate) async fn detached<T, F>(
+        &self,
+        call: impl FnOnce(ControlPlane) -> F,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        tokio::spawn(call(self.clone())).await.map_err(|e| {
+            Status::internal(format!("the control plane's call ended abnormally: {e}"))
+        })?
+    }
+
+    /// Wakes a sleeping sandbox on its host; the row says `waking` until
+    /// the host answers.
+    async fn wake_row(&self, mut row: SandboxRow, host: Arc<dyn Host>) -> Result<Sandbox, Status> {
+        row.state = "waking".into();
+        self.save(&row).await?;
+        self.fault("controlplane.wake.recorded");
+        match host.wake_sandbox(&row.id).await {
+            Ok(record) => {
+                Self::absorb(&mut row, record);
+                self.save(&row).await?;
+                Ok(Self::view(&row))
+            }
+            Err(e) => {
+                // The host knows what became of it; the next heartbeat
+                // corrects the row, this one sets it to what is likely.
+                if let Ok(record) = host.get_sandbox(&row.id).await {
+                    Self::absorb(&mut row, record);
+                    let _ = self.save(&row).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Destroys a sandbox row's VM (if its host is reachable) and forgets
     /// it. A sandbox on an unreachable host stays `destroying` and is
     /// destroyed when the host answers again.
     pub(crate) async fn destroy_row(&self, mut row: SandboxRow) -> Result<(), Status> {
         row.state = "destroying".into();
         self.save(&row).await?;
+        self.fault("controlplane.destroy.recorded");
         let Some(host) = self.inner.hosts.get(&row.host_id) else {
             return Ok(());
         };
@@ -308,6 +362,7 @@ impl ControlPlane {
             Err(e) if e.code() == tonic::Code::Unavailable => return Ok(()),
             Err(e) => return Err(e),
         }
+        self.fault("controlplane.destroy.answered");
         self.inner
             .store
             .delete_sandbox(&row.id)
@@ -428,8 +483,17 @@ impl ControlPlane {
                 })?;
             return Ok(Self::view(&existing));
         };
+        self.fault("controlplane.create.recorded");
+        if let Some(fault) = self.inner.config.fault {
+            // Dies while the host works on the create.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                fault("controlplane.create.in_flight");
+            });
+        }
         match host.create_sandbox(&id, req).await {
             Ok(record) => {
+                self.fault("controlplane.create.answered");
                 Self::absorb(&mut row, record);
                 self.save(&row).await?;
                 Ok(Self::view(&row))
@@ -501,9 +565,11 @@ impl Sandboxes for ControlPlane {
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
-        Ok(Response::new(
-            self.create_for(&caller, request.into_inner()).await?,
-        ))
+        let req = request.into_inner();
+        let created = self
+            .detached(move |cp| async move { cp.create_for(&caller, req).await })
+            .await?;
+        Ok(Response::new(created))
     }
 
     async fn get_sandbox(
@@ -586,7 +652,8 @@ impl Sandboxes for ControlPlane {
     ) -> Result<Response<DestroySandboxResponse>, Status> {
         let caller = self.caller(&request).await?;
         let row = self.row(&caller, &request.into_inner().id).await?;
-        self.destroy_row(row).await?;
+        self.detached(move |cp| async move { cp.destroy_row(row).await })
+            .await?;
         Ok(Response::new(DestroySandboxResponse {}))
     }
 
@@ -596,10 +663,16 @@ impl Sandboxes for ControlPlane {
     ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
         let (mut row, host) = self.route(&caller, &request.into_inner().id).await?;
-        let record = host.sleep_sandbox(&row.id).await?;
-        Self::absorb(&mut row, record);
-        self.save(&row).await?;
-        Ok(Response::new(Self::view(&row)))
+        let slept = self
+            .detached(move |cp| async move {
+                let record = host.sleep_sandbox(&row.id).await?;
+                cp.fault("controlplane.sleep.answered");
+                Self::absorb(&mut row, record);
+                cp.save(&row).await?;
+                Ok(Self::view(&row))
+            })
+            .await?;
+        Ok(Response::new(slept))
     }
 
     async fn wake_sandbox(
@@ -607,26 +680,11 @@ impl Sandboxes for ControlPlane {
         request: Request<WakeSandboxRequest>,
     ) -> Result<Response<Sandbox>, Status> {
         let caller = self.caller(&request).await?;
-        let (mut row, host) = self.route(&caller, &request.into_inner().id).await?;
-        row.state = "waking".into();
-        self.save(&row).await?;
-        let result = host.wake_sandbox(&row.id).await;
-        match result {
-            Ok(record) => {
-                Self::absorb(&mut row, record);
-                self.save(&row).await?;
-                Ok(Response::new(Self::view(&row)))
-            }
-            Err(e) => {
-                // The host knows what became of it; the next heartbeat
-                // corrects the row, this one sets it to what is likely.
-                if let Ok(record) = host.get_sandbox(&row.id).await {
-                    Self::absorb(&mut row, record);
-                    let _ = self.save(&row).await;
-                }
-                Err(e)
-            }
-        }
+        let (row, host) = self.route(&caller, &request.into_inner().id).await?;
+        let woken = self
+            .detached(move |cp| async move { cp.wake_row(row, host).await })
+            .await?;
+        Ok(Response::new(woken))
     }
 
     async fn set_sandbox_timeout(

@@ -23,6 +23,8 @@ use crate::{ControlPlane, ControlPlaneConfig, Host, StatusStream};
 struct FakeHost {
     id: String,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
+    /// Reported as creates under way.
+    under_way: Mutex<Vec<String>>,
     down: AtomicBool,
 }
 
@@ -31,6 +33,7 @@ impl FakeHost {
         Arc::new(FakeHost {
             id: id.into(),
             sandboxes: Mutex::new(HashMap::new()),
+            under_way: Mutex::new(Vec::new()),
             down: AtomicBool::new(false),
         })
     }
@@ -126,6 +129,7 @@ impl Host for FakeHost {
             id: self.id.clone(),
             cpus: 4,
             memory_mib: 8192,
+            creates_under_way: self.under_way.lock().unwrap().clone(),
             ..Default::default()
         })
     }
@@ -455,7 +459,7 @@ async fn tenants_only_see_their_own_and_quotas_hold(db: &Db) {
 
 async fn request_ids_make_creates_idempotent(db: &Db) {
     let host = FakeHost::new("h1");
-    let env = Env::start(db, &[host.clone()]).await;
+    let env = Env::start(db, std::slice::from_ref(&host)).await;
     let mut c = env.client().await;
     let mut r = create("busybox");
     r.request_id = "req-1".into();
@@ -518,7 +522,7 @@ async fn labels_filter_and_pages(db: &Db) {
 
 async fn timeouts_destroy_and_can_be_changed(db: &Db) {
     let host = FakeHost::new("h1");
-    let env = Env::start(db, &[host.clone()]).await;
+    let env = Env::start(db, std::slice::from_ref(&host)).await;
     let mut c = env.client().await;
     let mut r = create("busybox");
     r.timeout_seconds = 3600;
@@ -577,7 +581,7 @@ async fn spread_places_on_the_emptier_host(db: &Db) {
 
 async fn a_silent_host_loses_its_sandboxes_until_it_answers_again(db: &Db) {
     let host = FakeHost::new("h1");
-    let env = Env::start(db, &[host.clone()]).await;
+    let env = Env::start(db, std::slice::from_ref(&host)).await;
     let mut c = env.client().await;
     let sb = c
         .create_sandbox(create("busybox"))
@@ -616,9 +620,86 @@ async fn a_silent_host_loses_its_sandboxes_until_it_answers_again(db: &Db) {
     );
 }
 
+/// What a control plane that died mid-call leaves: a row `creating` that
+/// its host never got is forgotten once past the send grace (but not
+/// while the host reports it under way), and a sandbox the host runs with
+/// no row at all is destroyed once past the orphan grace.
+async fn the_heartbeat_settles_creates_that_never_arrived_and_orphans(db: &Db) {
+    let host = FakeHost::new("h1");
+    let env = Env::start(db, std::slice::from_ref(&host)).await;
+    let mut c = env.client().await;
+    let real = c
+        .create_sandbox(create("busybox"))
+        .await
+        .unwrap()
+        .into_inner();
+    let template = env.store.sandbox(None, &real.id).await.unwrap().unwrap();
+    let stale = |id: &str| {
+        let mut row = template.clone();
+        row.id = id.into();
+        row.record.id = id.into();
+        row.state = "creating".into();
+        row.request_id = None;
+        row.created_ms = crate::store::now_ms() - 20_000;
+        row
+    };
+    assert!(
+        env.store
+            .insert_sandbox(&stale("sbx-never-sent"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        env.store
+            .insert_sandbox(&stale("sbx-slow-pull"))
+            .await
+            .unwrap()
+    );
+    host.under_way.lock().unwrap().push("sbx-slow-pull".into());
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    for (id, created) in [
+        ("sbx-orphan", old),
+        ("sbx-fresh", std::time::SystemTime::now()),
+    ] {
+        host.sandboxes.lock().unwrap().insert(
+            id.into(),
+            Sandbox {
+                id: id.into(),
+                state: SandboxState::Running as i32,
+                created_at: Some(created.into()),
+                ..Default::default()
+            },
+        );
+    }
+    let gone = |id: &'static str| {
+        let store = env.store.clone();
+        async move { store.sandbox(None, id).await.unwrap().is_none() }
+    };
+    assert!(
+        eventually(|| gone("sbx-never-sent")).await,
+        "the stale create was not forgotten"
+    );
+    assert!(
+        eventually(|| async { !host.sandboxes.lock().unwrap().contains_key("sbx-orphan") }).await,
+        "the orphan was not destroyed"
+    );
+    let slow = env
+        .store
+        .sandbox(None, "sbx-slow-pull")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(slow.state, "creating", "a create under way is left alone");
+    assert!(
+        host.sandboxes.lock().unwrap().contains_key("sbx-fresh"),
+        "a young sandbox is left alone"
+    );
+    assert!(host.sandboxes.lock().unwrap().contains_key(&real.id));
+}
+
 async fn a_restarted_control_plane_keeps_every_sandbox(db: &Db) {
     let host = FakeHost::new("h1");
-    let env = Env::start(db, &[host.clone()]).await;
+    let env = Env::start(db, std::slice::from_ref(&host)).await;
     let mut c = env.client().await;
     let ids: Vec<String> = futures::future::join_all((0..3).map(|_| {
         let mut c = c.clone();
@@ -646,7 +727,7 @@ async fn a_restarted_control_plane_keeps_every_sandbox(db: &Db) {
         ..
     } = env;
     drop(cp);
-    let env2 = Env::on(_dir, store, &[host.clone()]).await;
+    let env2 = Env::on(_dir, store, std::slice::from_ref(&host)).await;
     let mut c2 = env2.client_with(Some(&key)).await;
     let listed = c2
         .list_sandboxes(ListSandboxesRequest::default())
@@ -802,6 +883,7 @@ suite!(
     spread_places_on_the_emptier_host,
     a_silent_host_loses_its_sandboxes_until_it_answers_again,
     a_restarted_control_plane_keeps_every_sandbox,
+    the_heartbeat_settles_creates_that_never_arrived_and_orphans,
     exec_relays_the_stream_and_checks_the_first_message,
     hosts_and_images_are_listed_for_callers,
     fifty_concurrent_creates_are_all_accounted_for
@@ -823,8 +905,8 @@ async fn two_replicas_never_place_the_same_capacity() {
         },
         ..fast_config()
     };
-    let a = Env::start_with(&db, &[host.clone()], config.clone()).await;
-    let b = Env::start_with(&db, &[host.clone()], config).await;
+    let a = Env::start_with(&db, std::slice::from_ref(&host), config.clone()).await;
+    let b = Env::start_with(&db, std::slice::from_ref(&host), config).await;
     let (ca, cb) = (a.client().await, b.client().await);
     let results = futures::future::join_all((0..12).map(|i| {
         let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };

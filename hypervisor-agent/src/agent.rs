@@ -51,6 +51,10 @@ pub struct Agent {
     pub(crate) pools: WarmPools,
     pub(crate) network: crate::network::HostNetwork,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    /// Ids whose create has begun and which `sandboxes` does not hold yet
+    /// (pull, conversion, disk): reported so a control plane can tell a
+    /// create that never arrived from a slow one.
+    under_way: std::sync::Mutex<std::collections::HashSet<String>>,
     started_at: SystemTime,
 }
 
@@ -69,6 +73,8 @@ pub struct HostInfo {
     pub capabilities: Vec<String>,
     /// When this agent process started.
     pub started_at: SystemTime,
+    /// Creates under way that [`Agent::list`] does not show yet.
+    pub creates_under_way: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +225,7 @@ impl Agent {
             pools: WarmPools::new(&config.warm_pools),
             network,
             sandboxes: RwLock::new(HashMap::new()),
+            under_way: Default::default(),
             started_at: SystemTime::now(),
             config,
         });
@@ -257,18 +264,29 @@ impl Agent {
         let id = match &req.id {
             Some(id) => {
                 validate_id(id)?;
-                if self.lookup(id).is_ok() {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "sandbox {id} already exists on this host"
-                    )));
-                }
                 id.clone()
             }
             None => new_sandbox_id(),
         };
+        let _under_way = self.begin_create(&id)?;
         let span =
             info_span!("create_sandbox", %id, image = %req.image, mode = req.start_mode.as_str());
         self.create_inner(id, req).instrument(span).await
+    }
+
+    /// Marks `id`'s create as under way until the guard drops (by then the
+    /// sandbox is in the map, or the create failed).
+    fn begin_create(&self, id: &str) -> Result<UnderWay<'_>, AgentError> {
+        let mut under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
+        if self.lookup(id).is_ok() || !under_way.insert(id.to_string()) {
+            return Err(AgentError::InvalidArgument(format!(
+                "sandbox {id} already exists on this host"
+            )));
+        }
+        Ok(UnderWay {
+            agent: self,
+            id: id.to_string(),
+        })
     }
 
     async fn create_inner(
@@ -657,6 +675,10 @@ impl Agent {
             warm_pools: self.pools.infos(),
             capabilities: capability_names(&self.vmm.capabilities()),
             started_at: self.started_at,
+            creates_under_way: {
+                let under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
+                under_way.iter().cloned().collect()
+            },
         }
     }
 
@@ -699,6 +721,23 @@ fn validate_id(id: &str) -> Result<(), AgentError> {
 }
 
 /// `sbx-` and 12 random lowercase letters and digits.
+/// A create under way; see [`Agent::begin_create`].
+struct UnderWay<'a> {
+    agent: &'a Agent,
+    id: String,
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        let mut under_way = self
+            .agent
+            .under_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        under_way.remove(&self.id);
+    }
+}
+
 pub(crate) fn new_sandbox_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();

@@ -9,6 +9,9 @@
 //! `sleep.sealed` (snapshot sealed, state not yet `sleeping`),
 //! `wake.restored` (VMM restored, guest not yet woken),
 //! `destroy.vmm_stopped` (VMM gone, run directory still there).
+//!
+//! The control plane's own points (`controlplane.create.recorded`, ...,
+//! see `somna_controlplane::ControlPlaneConfig::fault`) go through here too.
 
 use std::sync::OnceLock;
 

@@ -85,7 +85,7 @@ pub fn dir_digest<'a>(files: impl Iterator<Item = (&'a Path, u64, &'a str)>) -> 
         h.update(&[0]);
         h.update(&size.to_le_bytes());
         h.update(digest.as_bytes());
-        h.update(&[b'\n']);
+        h.update(b"\n");
     }
     format!("xxh3-128:{:032x}", h.digest128())
 }

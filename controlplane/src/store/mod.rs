@@ -167,7 +167,7 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| Tenant::from_row(&r)).transpose()?)
+        row.map(|r| Tenant::from_row(&r)).transpose()
     }
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
@@ -175,7 +175,7 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| Tenant::from_row(&r)).transpose()?)
+        row.map(|r| Tenant::from_row(&r)).transpose()
     }
 
     /// Stores an API key (its id and the hash of its secret).

@@ -123,6 +123,11 @@ impl SchedulingArgs {
                 memory: self.memory_overcommit,
             },
             lost_after: std::time::Duration::from_secs(self.lost_after),
+            // Crash-consistency tests name the control plane's points in
+            // the same variable as the agent's.
+            fault: std::env::var_os("SOMNA_FAULT")
+                .is_some()
+                .then_some(somna_hypervisor_agent::fault::point as fn(&'static str)),
             ..Default::default()
         }
     }

@@ -30,6 +30,21 @@ impl LocalHost {
         LocalHost { agent }
     }
 
+    /// Runs a state-changing call to the end even if its caller goes away
+    /// (a client that hangs up, a control plane that dies mid-call): cut
+    /// short, it would leave a VMM, a run directory or a half-made
+    /// snapshot that only the next start-up reconciles.
+    async fn detached<T, F>(&self, call: impl FnOnce(Arc<Agent>) -> F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, somna_hypervisor_agent::AgentError>> + Send + 'static,
+    {
+        tokio::spawn(call(self.agent.clone()))
+            .await
+            .map_err(|e| Status::internal(format!("the host's call ended abnormally: {e}")))?
+            .map_err(Status::from)
+    }
+
     fn to_proto(&self, info: SandboxInfo) -> proto::Sandbox {
         let state = match info.state {
             SandboxState::Creating => proto::SandboxState::Creating,
@@ -170,6 +185,7 @@ fn host_to_proto(h: HostInfo) -> proto::Host {
             .collect(),
         capabilities: h.capabilities,
         agent_started_at: ts(h.started_at),
+        creates_under_way: h.creates_under_way,
         ..Default::default()
     }
 }
@@ -185,23 +201,23 @@ impl Host for LocalHost {
         id: &str,
         req: CreateSandboxRequest,
     ) -> Result<proto::Sandbox, Status> {
+        let request = SandboxRequest {
+            id: Some(id.to_string()),
+            image: req.image,
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            disk_mib: req.disk_mib,
+            env: req.env.into_iter().collect(),
+            idle_timeout: (req.idle_timeout_seconds > 0)
+                .then(|| Duration::from_secs(req.idle_timeout_seconds)),
+            start_mode: start_mode_from_proto(req.start_mode)?,
+            network: EgressPolicy {
+                exposed_tcp_ports: exposed_ports(&req.expose_ports)?,
+                ..network_policy(req.no_internet, &req.allow_out, &req.deny_out)?
+            },
+        };
         let info = self
-            .agent
-            .create_sandbox(SandboxRequest {
-                id: Some(id.to_string()),
-                image: req.image,
-                cpus: req.cpus,
-                memory_mib: req.memory_mib,
-                disk_mib: req.disk_mib,
-                env: req.env.into_iter().collect(),
-                idle_timeout: (req.idle_timeout_seconds > 0)
-                    .then(|| Duration::from_secs(req.idle_timeout_seconds)),
-                start_mode: start_mode_from_proto(req.start_mode)?,
-                network: EgressPolicy {
-                    exposed_tcp_ports: exposed_ports(&req.expose_ports)?,
-                    ..network_policy(req.no_internet, &req.allow_out, &req.deny_out)?
-                },
-            })
+            .detached(move |agent| async move { agent.create_sandbox(request).await })
             .await?;
         Ok(self.to_proto(info))
     }
@@ -220,15 +236,25 @@ impl Host for LocalHost {
     }
 
     async fn destroy_sandbox(&self, id: &str) -> Result<(), Status> {
-        Ok(self.agent.destroy(id).await?)
+        let id = id.to_string();
+        self.detached(move |agent| async move { agent.destroy(&id).await })
+            .await
     }
 
     async fn sleep_sandbox(&self, id: &str) -> Result<proto::Sandbox, Status> {
-        Ok(self.to_proto(self.agent.sleep(id).await?))
+        let id = id.to_string();
+        let info = self
+            .detached(move |agent| async move { agent.sleep(&id).await })
+            .await?;
+        Ok(self.to_proto(info))
     }
 
     async fn wake_sandbox(&self, id: &str) -> Result<proto::Sandbox, Status> {
-        Ok(self.to_proto(self.agent.wake(id).await?))
+        let id = id.to_string();
+        let info = self
+            .detached(move |agent| async move { agent.wake(&id).await })
+            .await?;
+        Ok(self.to_proto(info))
     }
 
     async fn connect_port(&self, id: &str, port: u16) -> Result<PortStream, Status> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use somna_sdk::proto::SandboxState;
 use somna_sdk::{Client, Command, CreateOptions};
-use somna_testkit::{Options, Platform, eventually};
+use somna_testkit::{Cluster, ClusterOptions, Options, Platform, eventually};
 use tonic::Code;
 
 fn armed(p: &mut Platform, point: &str) {
@@ -294,4 +294,160 @@ async fn crashes_at_each_point_are_reconciled_at_start_up() {
         "ok\n"
     );
     sb.destroy().await.unwrap();
+}
+
+/// A separate `somna controlplane` SIGKILLed at each of its own points
+/// (`controlplane.*`, see `somna_controlplane::ControlPlaneConfig::fault`),
+/// with one `somna agent` that keeps running. The client gets an error;
+/// after the restart the store and the host agree again, with no VMM the
+/// store does not know: a create that never reached the host is forgotten
+/// (its request id creates anew), one the host was working on or had
+/// finished runs, a sleep or wake the host answered (or never got) shows
+/// the host's state, and a destroy finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_plane_crashes_at_each_point_are_reconciled() {
+    let mut c = Cluster::start(ClusterOptions::new(env!("CARGO_BIN_EXE_somna"), 1));
+    // Arms `point` (None: disarms), restarts the control plane and waits
+    // until the agent has dialled in again (the new process heard from it).
+    let restart = async |c: &mut Cluster, point: Option<&str>| -> Client {
+        c.options_mut().controlplane_env = point
+            .map(|p| vec![("SOMNA_FAULT".to_string(), p.to_string())])
+            .unwrap_or_default();
+        let since = std::time::SystemTime::now();
+        c.restart_replica(0);
+        let client = c.client(0).await;
+        let attached = eventually(Duration::from_secs(30), || async {
+            client.list_hosts().await.is_ok_and(|hosts| {
+                hosts.iter().all(|h| {
+                    h.last_heartbeat_at.as_ref().is_some_and(|t| {
+                        std::time::SystemTime::try_from(*t).is_ok_and(|t| t > since)
+                    })
+                })
+            })
+        })
+        .await;
+        assert!(
+            attached,
+            "the agent did not dial the restarted control plane"
+        );
+        client
+    };
+    let crashed = |c: &mut Cluster, point: &str, err: Option<somna_sdk::Error>| {
+        use std::os::unix::process::ExitStatusExt;
+        let err = err.unwrap_or_else(|| panic!("{point}: the call succeeded"));
+        assert!(err.code().is_some(), "{point}: a definite error: {err}");
+        let status = c
+            .wait_replica_exit(0, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the control plane did not crash at {point}"));
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status:?}");
+    };
+    // The store's sandboxes, once the host agrees: as many VMMs as
+    // sandboxes not asleep, and a run directory for each.
+    let settled = async |c: &Cluster, client: &Client, point: &str, want: usize| {
+        let ok = eventually(Duration::from_secs(40), || async {
+            let Ok(all) = client.list_sandboxes().await else {
+                return false;
+            };
+            let awake = all
+                .iter()
+                .filter(|s| s.state != SandboxState::Sleeping as i32)
+                .count();
+            all.len() == want
+                && all.iter().all(|s| {
+                    s.state == SandboxState::Running as i32
+                        || s.state == SandboxState::Sleeping as i32
+                })
+                && c.vmm_pids(0).len() == awake
+                && c.vm_dirs(0).len() == want
+        })
+        .await;
+        let all = client.list_sandboxes().await.unwrap_or_default();
+        assert!(
+            ok,
+            "{point}: expected {want} sandboxes running or asleep with their VMMs; store: {:?}, VMMs: {:?}, run dirs: {:?}",
+            all.iter().map(|s| (&s.id, s.state)).collect::<Vec<_>>(),
+            c.vmm_pids(0),
+            c.vm_dirs(0)
+        );
+        all
+    };
+    let small = |rid: &str| {
+        CreateOptions::new("busybox")
+            .memory_mib(256)
+            .request_id(rid)
+    };
+
+    // create: the row is written, the host never asked.
+    let client = restart(&mut c, Some("controlplane.create.recorded")).await;
+    let err = client.create_sandbox(small("cp-recorded")).await.err();
+    crashed(&mut c, "create.recorded", err);
+    let client = restart(&mut c, Some("controlplane.create.in_flight")).await;
+    settled(&c, &client, "create.recorded", 0).await;
+
+    // create: the host is booting the VM when the control plane dies; it
+    // finishes, and the restarted control plane finds it.
+    let err = client.create_sandbox(small("cp-in-flight")).await.err();
+    crashed(&mut c, "create.in_flight", err);
+    let client = restart(&mut c, Some("controlplane.create.answered")).await;
+    let all = settled(&c, &client, "create.in_flight", 1).await;
+    let first = all[0].id.clone();
+    assert_eq!(all[0].request_id, "cp-in-flight");
+    // The same request id answers with that sandbox.
+    let again = client.create_sandbox(small("cp-in-flight")).await.unwrap();
+    assert_eq!(again.id(), first);
+
+    // create: the host answered, the row still says creating.
+    let err = client.create_sandbox(small("cp-answered")).await.err();
+    crashed(&mut c, "create.answered", err);
+    let client = restart(&mut c, Some("controlplane.sleep.answered")).await;
+    let all = settled(&c, &client, "create.answered", 2).await;
+    let second = all.iter().find(|s| s.id != first).unwrap().id.clone();
+
+    // sleep: the host slept it, the row still says running.
+    let err = client.sleep_sandbox(&first).await.err();
+    crashed(&mut c, "sleep.answered", err);
+    let client = restart(&mut c, Some("controlplane.wake.recorded")).await;
+    let all = settled(&c, &client, "sleep.answered", 2).await;
+    let state_of = |all: &[somna_sdk::proto::Sandbox], id: &str| {
+        all.iter().find(|s| s.id == id).map(|s| s.state)
+    };
+    assert_eq!(state_of(&all, &first), Some(SandboxState::Sleeping as i32));
+
+    // wake: the row says waking, the host was never asked.
+    let err = client.wake_sandbox(&first).await.err();
+    crashed(&mut c, "wake.recorded", err);
+    let client = restart(&mut c, Some("controlplane.destroy.recorded")).await;
+    let all = settled(&c, &client, "wake.recorded", 2).await;
+    assert_eq!(state_of(&all, &first), Some(SandboxState::Sleeping as i32));
+    let out = client
+        .attach(&first)
+        .exec(Command::from_argv(["echo", "awake"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "awake\n");
+
+    // destroy: the row says destroying, the host was never asked. The
+    // restarted control plane finishes it (unarmed: that destroy passes
+    // the same points).
+    let err = client.destroy_sandbox(&first).await.err();
+    crashed(&mut c, "destroy.recorded", err);
+    let client = restart(&mut c, None).await;
+    settled(&c, &client, "destroy.recorded", 1).await;
+
+    // destroy: the host destroyed it, the row still says destroying.
+    let client = restart(&mut c, Some("controlplane.destroy.answered")).await;
+    let err = client.destroy_sandbox(&second).await.err();
+    crashed(&mut c, "destroy.answered", err);
+    let client = restart(&mut c, None).await;
+    settled(&c, &client, "destroy.answered", 0).await;
+
+    // The create that never reached the host is made by its retry.
+    let retried = client.create_sandbox(small("cp-recorded")).await.unwrap();
+    let out = retried
+        .exec(Command::from_argv(["echo", "ok"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout_text(), "ok\n");
+    retried.destroy().await.unwrap();
+    settled(&c, &client, "end", 0).await;
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{Artifacts, processes_mentioning, wait_until};
+use crate::{Artifacts, entries_of, processes_mentioning, wait_until};
 
 /// How to start a cluster.
 #[derive(Debug, Clone)]
@@ -24,6 +24,9 @@ pub struct ClusterOptions {
     pub controlplane_args: Vec<String>,
     /// Extra `somna agent` arguments (e.g. `--network ...`).
     pub agent_args: Vec<String>,
+    /// Extra environment for the replicas (e.g. `SOMNA_FAULT`), read at
+    /// each (re)start.
+    pub controlplane_env: Vec<(String, String)>,
 }
 
 impl ClusterOptions {
@@ -36,6 +39,7 @@ impl ClusterOptions {
             store: None,
             controlplane_args: Vec::new(),
             agent_args: Vec::new(),
+            controlplane_env: Vec::new(),
         }
     }
 }
@@ -157,6 +161,7 @@ impl Cluster {
             .args(["--join-token", &self.join_token])
             .args(&self.options.controlplane_args)
             .env("SOMNA_LOG", log_filter())
+            .envs(self.options.controlplane_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -171,10 +176,10 @@ impl Cluster {
         // A restart must come back on the same ports (agents redial them).
         r.api_listen = addr.trim_start_matches("http://").to_string();
         r.agent_listen = v["agent_addr"].as_str().unwrap_or_default().to_string();
-        if let Some(key) = v["api_key"].as_str() {
-            if self.api_key.is_empty() {
-                self.api_key = key.to_string();
-            }
+        if let Some(key) = v["api_key"].as_str()
+            && self.api_key.is_empty()
+        {
+            self.api_key = key.to_string();
         }
         let ingress = v["ingress"].as_str().unwrap_or_default().to_string();
         if self.addrs.len() <= i {
@@ -259,10 +264,44 @@ impl Cluster {
         stop_child(&mut self.agents[i].child, libc::SIGKILL);
     }
 
-    /// SIGKILLs replica `i` and starts it again on the same ports and store.
+    /// SIGKILLs replica `i` (if it still runs) and starts it again on the
+    /// same ports and store.
     pub fn restart_replica(&mut self, i: usize) {
         stop_child(&mut self.replicas[i].child, libc::SIGKILL);
         self.launch_replica(i);
+    }
+
+    /// Options that later (re)starts use (e.g. `controlplane_env`).
+    pub fn options_mut(&mut self) -> &mut ClusterOptions {
+        &mut self.options
+    }
+
+    /// Waits up to `timeout` for replica `i` to exit on its own and reaps it.
+    pub fn wait_replica_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.replicas[i].child.as_mut()?;
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_some() {
+            self.replicas[i].child = None;
+        }
+        status
+    }
+
+    /// VMM processes of agent `i` (anything naming its run directories).
+    pub fn vmm_pids(&self, agent: usize) -> Vec<u32> {
+        processes_mentioning(&self.agents[agent].data_dir.path().join("vms"))
+    }
+
+    /// Run directories of agent `i`'s sandboxes.
+    pub fn vm_dirs(&self, agent: usize) -> Vec<PathBuf> {
+        entries_of(&self.agents[agent].data_dir.path().join("vms"))
     }
 }
 

@@ -191,11 +191,7 @@ impl Platform {
 
     /// Run directories of VMs that exist on the host.
     pub fn vm_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.data_dir().join("vms"))
-            .map(|it| it.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        dirs.sort();
-        dirs
+        entries_of(&self.data_dir().join("vms"))
     }
 
     /// PIDs of live processes (VMMs) whose command line mentions this
@@ -306,6 +302,15 @@ fn registry_args(insecure: &[String]) -> Vec<String> {
         args.push(r.clone());
     }
     args
+}
+
+/// The entries of directory `dir`, sorted (none if it does not exist).
+pub(crate) fn entries_of(dir: &Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|it| it.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    entries.sort();
+    entries
 }
 
 /// Live processes with an argument containing `path`.

@@ -73,6 +73,7 @@ async fn sh(sb: &Sandbox, script: &str) -> somna_sdk::Output {
 
 #[tokio::test]
 async fn vmm_runs_jailed_in_its_own_cgroup() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let p = platform(&[]);
     let client = p.client().await;
     let a = client
@@ -193,6 +194,7 @@ async fn vmm_runs_jailed_in_its_own_cgroup() {
 
 #[tokio::test]
 async fn exec_output_and_file_transfers_are_capped() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let p = platform(&["--max-file-mib", "1"]);
     let client = p.client().await;
     let sb = client
@@ -270,6 +272,7 @@ async fn exec_output_and_file_transfers_are_capped() {
 
 #[tokio::test]
 async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let p = platform(&[]);
     let client = p.client().await;
     let neighbour = client
@@ -357,6 +360,7 @@ async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
 /// again the same sandbox sleeps and wakes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_fails_a_sleep_cleanly() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let p = platform(&[]);
     let vms = p.data_dir().join("vms");
     // RAM and disk of the sandbox below, allocated in full, and room for

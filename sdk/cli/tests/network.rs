@@ -99,6 +99,7 @@ async fn tx_bytes(client: &Client, id: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn internet_on_reaches_outside_and_internet_off_does_not() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let Some(w) = world(1) else { return };
     let client = w.platform.client().await;
     let on = client
@@ -187,6 +188,7 @@ async fn internet_on_reaches_outside_and_internet_off_does_not() {
 /// networking: the guest side is the same on every slot.
 #[tokio::test(flavor = "multi_thread")]
 async fn woken_sandbox_on_another_slot_has_network() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let Some(w) = world(2) else { return };
     let client = w.platform.client().await;
     let a = client
@@ -216,6 +218,7 @@ async fn woken_sandbox_on_another_slot_has_network() {
 /// stays awake, and sleeps once that process stops.
 #[tokio::test(flavor = "multi_thread")]
 async fn network_traffic_keeps_a_sandbox_awake() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let Some(w) = world(3) else { return };
     let client = w.platform.client().await;
     let idle = Duration::from_secs(2);
@@ -306,6 +309,7 @@ fn shaped_packets(prefix: &str) -> u64 {
 /// answering within 2x of its idle exec latency.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_flooding_the_network_is_rate_limited() {
+    let _serial = somna_testkit::one_at_a_time().await;
     let Some(w) = world_with(4, &["--network-egress-mbit", "8"]) else {
         return;
     };

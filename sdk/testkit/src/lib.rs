@@ -371,6 +371,15 @@ where
     }
 }
 
+/// Serializes the tests of one test binary that take it: tests that
+/// measure a neighbour's latency against its idle baseline must not share
+/// the machine's cores with another test's VMs (2 cores in CI). Every test
+/// of such a binary takes it first.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// Median latency of a trivial exec (`true`) in `sb`, over 9 runs.
 pub async fn exec_latency(sb: &somna_sdk::Sandbox) -> Duration {
     let mut v = Vec::new();

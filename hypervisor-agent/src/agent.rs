@@ -456,6 +456,10 @@ impl Agent {
     ) -> Result<SandboxInfo, AgentError> {
         let dir = VmDir::create(&self.config.vms_dir(), &id)
             .map_err(AgentError::io(format!("create run directory for {id}")))?;
+        if let Err(e) = self.allocate_memory(&dir, shape.memory_mib) {
+            let _ = dir.remove();
+            return Err(e);
+        }
         if let Err(e) =
             somna_images::create_writable_disk(&dir.rw_disk(), u64::from(shape.disk_mib)).await
         {
@@ -498,6 +502,21 @@ impl Agent {
             return Err(self.fail_create(&sandbox, f));
         }
         Ok(self.mark_running(&sandbox, live, started))
+    }
+
+    /// Allocates the memory file in `dir` in full when the VMM keeps guest
+    /// RAM there, so that a full host disk fails this call instead of
+    /// killing the running VM later (see [`VmDir::allocate_memory`]).
+    pub(crate) fn allocate_memory(&self, dir: &VmDir, memory_mib: u32) -> Result<(), AgentError> {
+        if !self.vmm.ram_in_memory_file() {
+            return Ok(());
+        }
+        dir.allocate_memory(memory_mib)
+            .map_err(|source| AgentError::MemoryFile {
+                id: dir.id(),
+                memory_mib,
+                source,
+            })
     }
 
     /// Makes a freshly started sandbox `running` and watches its VMM.

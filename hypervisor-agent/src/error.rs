@@ -1,5 +1,6 @@
 //! The agent's error type and its mapping to gRPC status codes.
 
+use somna_images::is_disk_full;
 use tonic::{Code, Status};
 
 use crate::accel::AccelError;
@@ -37,6 +38,15 @@ pub enum AgentError {
         id: String,
         reason: String,
         disk_full: bool,
+    },
+    #[error(
+        "cannot allocate the {memory_mib} MiB memory file of sandbox {id}: {source}{}",
+        if is_disk_full(source) { " (the host's disk is full; free space in the agent's data directory or ask for less memory)" } else { "" }
+    )]
+    MemoryFile {
+        id: String,
+        memory_mib: u32,
+        source: std::io::Error,
     },
     #[error("{what}: {source}")]
     Io {
@@ -78,6 +88,10 @@ impl AgentError {
                 disk_full: true, ..
             } => Code::ResourceExhausted,
             AgentError::SleepFailed { .. } => Code::Internal,
+            AgentError::MemoryFile { source, .. } if is_disk_full(source) => {
+                Code::ResourceExhausted
+            }
+            AgentError::MemoryFile { .. } => Code::Internal,
             AgentError::Vmm { .. } | AgentError::Io { .. } | AgentError::Config(_) => {
                 Code::Internal
             }

@@ -195,6 +195,13 @@ impl Agent {
                 )
             }
         };
+        if let Err(e) = self.allocate_memory(dir, sandbox.spec.memory_mib) {
+            // Nothing ran: the snapshot is whole and the sandbox sleeps on.
+            if snapshot.meta().memory == MemoryLayout::Stream {
+                let _ = std::fs::remove_file(dir.memory_file());
+            }
+            return Err(e);
+        }
         let mut spec = sandbox.spec.clone();
         spec.memory = memory;
         // Any slot will do: the guest side of every slot is the same.
@@ -263,6 +270,7 @@ impl Agent {
         let id = sandbox.info().id;
         let dir = &sandbox.dir;
         discard_memory(dir);
+        self.allocate_memory(dir, sandbox.spec.memory_mib)?;
         let mut spec = sandbox.spec.clone();
         sandbox.net.attach(&self.network, &id, &mut spec)?;
         let deadline = started + self.config.boot_timeout;

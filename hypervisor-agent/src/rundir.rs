@@ -66,6 +66,31 @@ impl VmDir {
         self.path.join("mem")
     }
 
+    /// Gives the VM's memory file (created if missing) every block of its
+    /// `memory_mib` up front, keeping what it holds. A guest page written
+    /// to a block that cannot be allocated would kill the VMM with SIGBUS
+    /// once the host's disk is full; this way a full disk is met here,
+    /// with an error, before the VM runs.
+    pub fn allocate_memory(&self, memory_mib: u32) -> io::Result<()> {
+        let len = u64::from(memory_mib) * 1024 * 1024;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.memory_file())?;
+        match nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            len as nix::libc::off_t,
+        ) {
+            Ok(()) => Ok(()),
+            // A file system without fallocate: the VMM sizes the file.
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The VMM state a sleep wrote.
     pub fn state_file(&self) -> PathBuf {
         self.path.join("state")
@@ -168,6 +193,30 @@ mod tests {
         std::fs::write(dir.console_log(), text).unwrap();
         assert_eq!(dir.console_tail(2), "line 98\nline 99");
         assert_eq!(dir.id(), "sbx-1");
+    }
+
+    #[test]
+    fn allocate_memory_reserves_every_block_and_keeps_what_is_there() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let root = tempfile::tempdir().unwrap();
+        let dir = VmDir::create(root.path(), "sbx-m").unwrap();
+        dir.allocate_memory(4).unwrap();
+        let meta = std::fs::metadata(dir.memory_file()).unwrap();
+        assert_eq!(meta.len(), 4 << 20);
+        assert!(meta.blocks() * 512 >= 4 << 20, "{} blocks", meta.blocks());
+        // A woken VM's RAM is in the file: a second allocation keeps it.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.memory_file())
+            .unwrap();
+        f.write_all_at(b"guest page", 1 << 20).unwrap();
+        dir.allocate_memory(4).unwrap();
+        let mut buf = [0u8; 10];
+        std::fs::File::open(dir.memory_file())
+            .unwrap()
+            .read_exact_at(&mut buf, 1 << 20)
+            .unwrap();
+        assert_eq!(&buf, b"guest page");
     }
 
     #[test]

@@ -337,7 +337,7 @@ impl<T> IoContext<T> for std::io::Result<T> {
 }
 
 /// ENOSPC or EDQUOT: the file system (or the quota) is full.
-pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+pub fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)

@@ -73,7 +73,7 @@ mod writable;
 
 pub use config::ImageConfig;
 pub use digest::Digest;
-pub use error::{ErrorKind, ImageError};
+pub use error::{ErrorKind, ImageError, is_disk_full};
 pub use ext4::MIN_ROOT_DISK_BYTES;
 pub use layers::{LayerStats, Unpacker};
 pub use layout::{

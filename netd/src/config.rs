@@ -101,6 +101,11 @@ pub struct NetdConfig {
     /// guest flooding the network cannot take the host's bandwidth from
     /// its neighbours. 0: unlimited.
     pub egress_rate_mbit: u32,
+    /// Each sandbox's inbound traffic is shaped to this rate (a token
+    /// bucket on its TAP, towards the guest), so a flood aimed at one
+    /// sandbox (or a download it asked for) cannot take the host's
+    /// bandwidth from its neighbours. 0: unlimited.
+    pub ingress_rate_mbit: u32,
 }
 
 impl Default for NetdConfig {
@@ -114,12 +119,16 @@ impl Default for NetdConfig {
             host_services: HostService::dns(),
             state_dir: PathBuf::from("/run/somna-netd"),
             egress_rate_mbit: DEFAULT_EGRESS_RATE_MBIT,
+            ingress_rate_mbit: DEFAULT_INGRESS_RATE_MBIT,
         }
     }
 }
 
 /// The default per-sandbox egress rate (Mbit/s).
 pub const DEFAULT_EGRESS_RATE_MBIT: u32 = 1000;
+
+/// The default per-sandbox ingress rate (Mbit/s).
+pub const DEFAULT_INGRESS_RATE_MBIT: u32 = 1000;
 
 /// Longest index whose names still fit in IFNAMSIZ with an 8-char prefix.
 const MAX_SLOT_INDEX: u32 = 99_999;

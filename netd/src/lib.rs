@@ -85,7 +85,9 @@ pub mod testing;
 
 pub use bpf::DROP_REASON_NAMES;
 pub use cidr::{CidrParseError, Ipv4Cidr};
-pub use config::{DEFAULT_EGRESS_RATE_MBIT, Egress, HostService, NetdConfig, Proto};
+pub use config::{
+    DEFAULT_EGRESS_RATE_MBIT, DEFAULT_INGRESS_RATE_MBIT, Egress, HostService, NetdConfig, Proto,
+};
 pub use contract::GuestNetwork;
 pub use counters::{Counters, monotonic_now_ns};
 pub use error::{ErrorKind, NetError, Result};

@@ -118,7 +118,9 @@ fn build_inner(
             )),
         )?;
         nft::load(&slot_rules)?;
-        shape_egress(cfg.egress_rate_mbit)
+        // Out of the slot: the uplink's egress; into the guest: the TAP's.
+        shape(SLOT_VETH_NAME, cfg.egress_rate_mbit)?;
+        shape(TAP_NAME, cfg.ingress_rate_mbit)
     })?;
 
     // Programs last: the maps know the slot (inactive, so everything
@@ -138,11 +140,12 @@ fn build_inner(
     })
 }
 
-/// A token bucket on the slot's uplink (its veth's egress): what the guest
-/// sends leaves the slot at no more than `rate_mbit`. Bursts of 10 ms at
-/// that rate (at least 64 KiB) pass unqueued; up to 50 ms more is queued;
-/// the rest is dropped (`tc -s qdisc` in the slot namespace counts it).
-fn shape_egress(rate_mbit: u32) -> Result<()> {
+/// A token bucket on the egress of `dev` in the slot namespace: the
+/// uplink (what the guest sends) or the TAP (what reaches the guest)
+/// passes at no more than `rate_mbit`. Bursts of 10 ms at that rate (at
+/// least 64 KiB) pass unqueued; up to 50 ms more is queued; the rest is
+/// dropped (`tc -s qdisc` in the slot namespace counts it).
+fn shape(dev: &str, rate_mbit: u32) -> Result<()> {
     if rate_mbit == 0 {
         return Ok(());
     }
@@ -153,7 +156,7 @@ fn shape_egress(rate_mbit: u32) -> Result<()> {
             "qdisc",
             "replace",
             "dev",
-            SLOT_VETH_NAME,
+            dev,
             "root",
             "tbf",
             "rate",

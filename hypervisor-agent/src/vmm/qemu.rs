@@ -151,11 +151,14 @@ impl QemuVmm {
         );
         a.push("-serial".into());
         a.push("chardev:console".into());
+        // An I/O error (the host's disk full under a sparse writable
+        // layer) goes to the guest as EIO; QEMU's default would pause the
+        // whole VM and leave the sandbox hanging.
         for (i, disk) in spec.disks.iter().enumerate() {
             a.push("-drive".into());
             a.push(
                 format!(
-                    "id=disk{i},file={},format=raw,if=none,readonly={},discard=unmap",
+                    "id=disk{i},file={},format=raw,if=none,readonly={},discard=unmap,werror=report,rerror=report",
                     escape_opt(&path(&disk.path)),
                     if disk.read_only { "on" } else { "off" },
                 )

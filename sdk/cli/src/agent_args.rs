@@ -95,6 +95,11 @@ pub struct AgentArgs {
     /// --network).
     #[arg(long, default_value_t = somna_netd::DEFAULT_EGRESS_RATE_MBIT, requires = "network")]
     network_egress_mbit: u32,
+    /// Each sandbox's inbound bandwidth in Mbit/s (0: unlimited), so a
+    /// flood aimed at one sandbox cannot starve its neighbours (with
+    /// --network).
+    #[arg(long, default_value_t = somna_netd::DEFAULT_INGRESS_RATE_MBIT, requires = "network")]
+    network_ingress_mbit: u32,
 }
 
 impl AgentArgs {
@@ -138,6 +143,7 @@ impl AgentArgs {
             let mut net = somna_netd::NetdConfig {
                 pool_size: self.network_pool,
                 egress_rate_mbit: self.network_egress_mbit,
+                ingress_rate_mbit: self.network_ingress_mbit,
                 ..Default::default()
             };
             if let Some(p) = self.network_prefix {

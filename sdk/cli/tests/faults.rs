@@ -306,10 +306,34 @@ async fn crashes_at_each_point_are_reconciled_at_start_up() {
 /// the host's state, and a destroy finishes.
 #[tokio::test(flavor = "multi_thread")]
 async fn control_plane_crashes_at_each_point_are_reconciled() {
-    let mut c = Cluster::start(ClusterOptions::new(env!("CARGO_BIN_EXE_somna"), 1));
-    // Arms `point` (None: disarms), restarts the control plane and waits
-    // until the agent has dialled in again (the new process heard from it).
-    let restart = async |c: &mut Cluster, point: Option<&str>| -> Client {
+    let c = Cluster::start(ClusterOptions::new(env!("CARGO_BIN_EXE_somna"), 1));
+    crash_replica_at_each_point(c).await;
+}
+
+/// The same points with two replicas on one PostgreSQL database: replica 0
+/// crashes at each, replica 1 runs on and settles every row from its own
+/// heartbeats (the row, not the replica, carries the state), while replica
+/// 0 is restarted beside it for the next point.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_plane_replica_crashes_are_reconciled_by_the_other_replica() {
+    let pg = somna_testkit::Postgres::start();
+    let mut options = ClusterOptions::new(env!("CARGO_BIN_EXE_somna"), 1);
+    options.replicas = 2;
+    options.store = Some(pg.database("faults"));
+    let c = Cluster::start(options);
+    crash_replica_at_each_point(c).await;
+}
+
+/// Crashes replica 0 of `c` at each control-plane fault point while a
+/// call goes through it, and checks the state through the last replica
+/// (replica 0 itself, restarted, when it is the only one).
+async fn crash_replica_at_each_point(mut c: Cluster) {
+    let observer = c.addrs.len() - 1;
+    // Arms `point` (None: disarms), restarts replica 0 and waits until the
+    // agent has dialled it again (it serves images from the host, and the
+    // store has heard from the host since). Returns a client of replica 0
+    // for the calls and one of the observer for the checks.
+    let restart = async |c: &mut Cluster, point: Option<&str>| -> (Client, Client) {
         c.options_mut().controlplane_env = point
             .map(|p| vec![("SOMNA_FAULT".to_string(), p.to_string())])
             .unwrap_or_default();
@@ -317,20 +341,22 @@ async fn control_plane_crashes_at_each_point_are_reconciled() {
         c.restart_replica(0);
         let client = c.client(0).await;
         let attached = eventually(Duration::from_secs(30), || async {
-            client.list_hosts().await.is_ok_and(|hosts| {
-                hosts.iter().all(|h| {
-                    h.last_heartbeat_at.as_ref().is_some_and(|t| {
-                        std::time::SystemTime::try_from(*t).is_ok_and(|t| t > since)
+            client.list_images().await.is_ok()
+                && client.list_hosts().await.is_ok_and(|hosts| {
+                    hosts.iter().all(|h| {
+                        h.last_heartbeat_at.as_ref().is_some_and(|t| {
+                            std::time::SystemTime::try_from(*t).is_ok_and(|t| t > since)
+                        })
                     })
                 })
-            })
         })
         .await;
         assert!(
             attached,
             "the agent did not dial the restarted control plane"
         );
-        client
+        let watcher = c.client(observer).await;
+        (client, watcher)
     };
     let crashed = |c: &mut Cluster, point: &str, err: Option<somna_sdk::Error>| {
         use std::os::unix::process::ExitStatusExt;
@@ -378,18 +404,18 @@ async fn control_plane_crashes_at_each_point_are_reconciled() {
     };
 
     // create: the row is written, the host never asked.
-    let client = restart(&mut c, Some("controlplane.create.recorded")).await;
+    let (client, _) = restart(&mut c, Some("controlplane.create.recorded")).await;
     let err = client.create_sandbox(small("cp-recorded")).await.err();
     crashed(&mut c, "create.recorded", err);
-    let client = restart(&mut c, Some("controlplane.create.in_flight")).await;
-    settled(&c, &client, "create.recorded", 0).await;
+    let (client, watcher) = restart(&mut c, Some("controlplane.create.in_flight")).await;
+    settled(&c, &watcher, "create.recorded", 0).await;
 
     // create: the host is booting the VM when the control plane dies; it
     // finishes, and the restarted control plane finds it.
     let err = client.create_sandbox(small("cp-in-flight")).await.err();
     crashed(&mut c, "create.in_flight", err);
-    let client = restart(&mut c, Some("controlplane.create.answered")).await;
-    let all = settled(&c, &client, "create.in_flight", 1).await;
+    let (client, watcher) = restart(&mut c, Some("controlplane.create.answered")).await;
+    let all = settled(&c, &watcher, "create.in_flight", 1).await;
     let first = all[0].id.clone();
     assert_eq!(all[0].request_id, "cp-in-flight");
     // The same request id answers with that sandbox.
@@ -399,15 +425,15 @@ async fn control_plane_crashes_at_each_point_are_reconciled() {
     // create: the host answered, the row still says creating.
     let err = client.create_sandbox(small("cp-answered")).await.err();
     crashed(&mut c, "create.answered", err);
-    let client = restart(&mut c, Some("controlplane.sleep.answered")).await;
-    let all = settled(&c, &client, "create.answered", 2).await;
+    let (client, watcher) = restart(&mut c, Some("controlplane.sleep.answered")).await;
+    let all = settled(&c, &watcher, "create.answered", 2).await;
     let second = all.iter().find(|s| s.id != first).unwrap().id.clone();
 
     // sleep: the host slept it, the row still says running.
     let err = client.sleep_sandbox(&first).await.err();
     crashed(&mut c, "sleep.answered", err);
-    let client = restart(&mut c, Some("controlplane.wake.recorded")).await;
-    let all = settled(&c, &client, "sleep.answered", 2).await;
+    let (client, watcher) = restart(&mut c, Some("controlplane.wake.recorded")).await;
+    let all = settled(&c, &watcher, "sleep.answered", 2).await;
     let state_of = |all: &[somna_sdk::proto::Sandbox], id: &str| {
         all.iter().find(|s| s.id == id).map(|s| s.state)
     };
@@ -416,8 +442,8 @@ async fn control_plane_crashes_at_each_point_are_reconciled() {
     // wake: the row says waking, the host was never asked.
     let err = client.wake_sandbox(&first).await.err();
     crashed(&mut c, "wake.recorded", err);
-    let client = restart(&mut c, Some("controlplane.destroy.recorded")).await;
-    let all = settled(&c, &client, "wake.recorded", 2).await;
+    let (client, watcher) = restart(&mut c, Some("controlplane.destroy.recorded")).await;
+    let all = settled(&c, &watcher, "wake.recorded", 2).await;
     assert_eq!(state_of(&all, &first), Some(SandboxState::Sleeping as i32));
     let out = client
         .attach(&first)
@@ -431,15 +457,15 @@ async fn control_plane_crashes_at_each_point_are_reconciled() {
     // the same points).
     let err = client.destroy_sandbox(&first).await.err();
     crashed(&mut c, "destroy.recorded", err);
-    let client = restart(&mut c, None).await;
-    settled(&c, &client, "destroy.recorded", 1).await;
+    let (_, watcher) = restart(&mut c, None).await;
+    settled(&c, &watcher, "destroy.recorded", 1).await;
 
     // destroy: the host destroyed it, the row still says destroying.
-    let client = restart(&mut c, Some("controlplane.destroy.answered")).await;
+    let (client, _) = restart(&mut c, Some("controlplane.destroy.answered")).await;
     let err = client.destroy_sandbox(&second).await.err();
     crashed(&mut c, "destroy.answered", err);
-    let client = restart(&mut c, None).await;
-    settled(&c, &client, "destroy.answered", 0).await;
+    let (client, watcher) = restart(&mut c, None).await;
+    settled(&c, &watcher, "destroy.answered", 0).await;
 
     // The create that never reached the host is made by its retry.
     let retried = client.create_sandbox(small("cp-recorded")).await.unwrap();
@@ -449,5 +475,5 @@ async fn control_plane_crashes_at_each_point_are_reconciled() {
         .unwrap();
     assert_eq!(out.stdout_text(), "ok\n");
     retried.destroy().await.unwrap();
-    settled(&c, &client, "end", 0).await;
+    settled(&c, &watcher, "end", 0).await;
 }

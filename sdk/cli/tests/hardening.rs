@@ -73,7 +73,7 @@ async fn sh(sb: &Sandbox, script: &str) -> somna_sdk::Output {
 
 #[tokio::test]
 async fn vmm_runs_jailed_in_its_own_cgroup() {
-    let _serial = somna_testkit::one_at_a_time().await;
+    let _shared = somna_testkit::not_while_measuring().await;
     let p = platform(&[]);
     let client = p.client().await;
     let a = client
@@ -194,7 +194,7 @@ async fn vmm_runs_jailed_in_its_own_cgroup() {
 
 #[tokio::test]
 async fn exec_output_and_file_transfers_are_capped() {
-    let _serial = somna_testkit::one_at_a_time().await;
+    let _shared = somna_testkit::not_while_measuring().await;
     let p = platform(&["--max-file-mib", "1"]);
     let client = p.client().await;
     let sb = client
@@ -272,7 +272,7 @@ async fn exec_output_and_file_transfers_are_capped() {
 
 #[tokio::test]
 async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
-    let _serial = somna_testkit::one_at_a_time().await;
+    let _alone = somna_testkit::measuring_alone().await;
     let p = platform(&[]);
     let client = p.client().await;
     let neighbour = client
@@ -355,40 +355,65 @@ async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
     neighbour.destroy().await.unwrap();
 }
 
-/// A sleep that finds the host's disk full fails with RESOURCE_EXHAUSTED,
-/// removes its partial snapshot and leaves the sandbox running; with room
-/// again the same sandbox sleeps and wakes.
+/// A full host disk: a create fails with RESOURCE_EXHAUSTED and leaves
+/// nothing behind; a running sandbox keeps running (its RAM was allocated
+/// when it started) and its writes fail with EIO inside the guest; a sleep
+/// fails the same way, removes its partial snapshot and leaves the sandbox
+/// running; with room again the same sandbox sleeps and wakes.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_full_disk_fails_a_sleep_cleanly() {
-    let _serial = somna_testkit::one_at_a_time().await;
+async fn a_full_disk_fails_cleanly() {
+    let _shared = somna_testkit::not_while_measuring().await;
     let p = platform(&[]);
     let vms = p.data_dir().join("vms");
-    // RAM and disk of the sandbox below, allocated in full, and room for
-    // its logs and sockets.
+    // The sandbox's RAM, which the agent allocates in full, a sparse
+    // writable disk, and some room to spare.
     let mount = somna_testkit::Tmpfs::mount(&vms, "200m");
     let client = p.client().await;
-    let sb = client
-        .create_sandbox(CreateOptions::new("busybox").memory_mib(128).disk_mib(64))
-        .await
-        .unwrap();
+    let shape = || CreateOptions::new("busybox").memory_mib(128).disk_mib(64);
+    let sb = client.create_sandbox(shape()).await.unwrap();
     let dir = vms.join(sb.id());
-    // Every block the VM writes to exists already, so the full file system
-    // is met by the snapshot only (a guest page with nowhere to go would
-    // kill the VMM with SIGBUS instead).
-    for (file, mib) in [("mem", 128), ("rw.ext4", 64)] {
-        let ok = std::process::Command::new("fallocate")
-            .args(["-l", &format!("{mib}MiB")])
-            .arg(dir.join(file))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "fallocate {file}");
-    }
+    let mem = std::fs::metadata(dir.join("mem")).unwrap();
+    assert_eq!(mem.len(), 128 << 20);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&mem) * 512 >= 128 << 20,
+        "the memory file was not allocated in full"
+    );
     let filler = mount.fill("filler");
+
+    let Err(err) = client.create_sandbox(shape()).await else {
+        panic!("a create on a full disk succeeded");
+    };
+    let status = match &err {
+        somna_sdk::Error::ResourceExhausted(m) => m.clone(),
+        other => panic!("a create on a full disk: {other:?}"),
+    };
+    assert!(
+        status.contains("memory file") && status.contains("disk is full"),
+        "{status}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&vms)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut expected = vec![sb.id().to_string(), "filler".to_string()];
+    expected.sort();
+    assert_eq!(left, expected, "a failed create left files behind");
+
+    let out = sh(
+        &sb,
+        "dd if=/dev/urandom of=/root/big bs=1M count=32 conv=fsync 2>&1",
+    )
+    .await;
+    assert_ne!(
+        out.exit_code, 0,
+        "a write past the host's full disk: {out:?}"
+    );
 
     let err = client.sleep_sandbox(sb.id()).await.unwrap_err();
     let status = match &err {
         somna_sdk::Error::ResourceExhausted(m) => m.clone(),
-        other => panic!("a full disk: {other:?}"),
+        other => panic!("a sleep on a full disk: {other:?}"),
     };
     assert!(status.contains("disk is full"), "{status}");
     assert!(!dir.join("state").exists(), "the partial snapshot was left");

@@ -99,7 +99,7 @@ async fn tx_bytes(client: &Client, id: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn internet_on_reaches_outside_and_internet_off_does_not() {
-    let _serial = somna_testkit::one_at_a_time().await;
+    let _shared = somna_testkit::not_while_measuring().await;
     let Some(w) = world(1) else { return };
     let client = w.platform.client().await;
     let on = client
@@ -188,7 +188,7 @@ async fn internet_on_reaches_outside_and_internet_off_does_not() {
 /// networking: the guest side is the same on every slot.
 #[tokio::test(flavor = "multi_thread")]
 async fn woken_sandbox_on_another_slot_has_network() {
-    let _serial = somna_testkit::one_at_a_time().await;
+    let _shared = somna_testkit::not_while_measuring().await;
     let Some(w) = world(2) else { return };
     let client = w.platform.client().await;
     let a = client
@@ -218,7 +218,7 @@ async fn woken_sandbox_on_another_slot_has_network() {
 /// stays awake, and sleeps once that process stops.
 #[tokio::test(flavor = "multi_thread")]
 async fn network_traffic_keeps_a_sandbox_awake() {
-    let _serial = somna_testkit::one_at_a_time().await;
+    let _shared = somna_testkit::not_while_measuring().await;
     let Some(w) = world(3) else { return };
     let client = w.platform.client().await;
     let idle = Duration::from_secs(2);
@@ -274,9 +274,12 @@ async fn network_traffic_keeps_a_sandbox_awake() {
     sb.destroy().await.unwrap();
 }
 
-/// Packets the slots' egress shapers of this world delayed or dropped
-/// (`tc -s qdisc` on each slot's uplink, in the slot's namespace).
-fn shaped_packets(prefix: &str) -> u64 {
+const UPLINK: &str = somna_netd::contract::SLOT_VETH_NAME;
+const TAP: &str = somna_netd::contract::TAP_NAME;
+
+/// Packets the token buckets on `dev` of this world's slots delayed or
+/// dropped (`tc -s qdisc` in each slot namespace `<prefix>-s*`).
+fn shaped_packets(prefix: &str, dev: &str) -> u64 {
     let list = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -291,7 +294,7 @@ fn shaped_packets(prefix: &str) -> u64 {
             .args([
                 "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show", "dev",
             ])
-            .arg(somna_netd::contract::SLOT_VETH_NAME)
+            .arg(dev)
             .output()
             .unwrap();
         let qdiscs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -309,10 +312,28 @@ fn shaped_packets(prefix: &str) -> u64 {
 /// answering within 2x of its idle exec latency.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_flooding_the_network_is_rate_limited() {
-    let _serial = somna_testkit::one_at_a_time().await;
-    let Some(w) = world_with(4, &["--network-egress-mbit", "8"]) else {
+    let _alone = somna_testkit::measuring_alone().await;
+    flood_meets_its_shaper(4, &["--network-egress-mbit", "8"], UPLINK).await;
+}
+
+/// Traffic towards a guest is held to its ingress rate: the guest sends
+/// unshaped, the echo of its flood meets the token bucket on its TAP, and
+/// its neighbour keeps answering within 2x of its idle exec latency.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_towards_a_guest_is_rate_limited() {
+    let _alone = somna_testkit::measuring_alone().await;
+    let limits = ["--network-egress-mbit", "0", "--network-ingress-mbit", "8"];
+    flood_meets_its_shaper(5, &limits, TAP).await;
+}
+
+/// In world `n` started with `limits`, a guest sends 64 MiB to the echo
+/// server: the shaper on `dev` of its slot must delay or drop packets,
+/// and a neighbour must stay responsive and online.
+async fn flood_meets_its_shaper(n: u8, limits: &[&str], dev: &str) {
+    let Some(w) = world_with(n, limits) else {
         return;
     };
+    let prefix = format!("somnaq{n}");
     let client = w.platform.client().await;
     let neighbour = client
         .create_sandbox(CreateOptions::new("busybox"))
@@ -320,7 +341,7 @@ async fn a_guest_flooding_the_network_is_rate_limited() {
         .unwrap();
     let idle = somna_testkit::exec_latency(&neighbour).await;
     assert_eq!(
-        shaped_packets("somnaq4"),
+        shaped_packets(&prefix, dev),
         0,
         "nothing shaped before the flood"
     );
@@ -330,7 +351,8 @@ async fn a_guest_flooding_the_network_is_rate_limited() {
         .await
         .unwrap();
     let a = w.server.addr();
-    // 64 MiB at 8 Mbit/s would take over a minute: it runs throughout.
+    // 64 MiB (and its echo) at 8 Mbit/s would take over a minute: it runs
+    // throughout.
     flood
         .exec(Command::from_argv([
             "sh",
@@ -345,10 +367,10 @@ async fn a_guest_flooding_the_network_is_rate_limited() {
         .unwrap();
     assert!(
         eventually(Duration::from_secs(30), || async {
-            shaped_packets("somnaq4") > 0
+            shaped_packets(&prefix, dev) > 0
         })
         .await,
-        "the flood never met its slot's egress limit"
+        "the flood never met the shaper on {dev} of its slot"
     );
     somna_testkit::assert_neighbour_fine(&neighbour, idle, "a network flood").await;
     assert!(

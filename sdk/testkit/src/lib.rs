@@ -371,13 +371,20 @@ where
     }
 }
 
-/// Serializes the tests of one test binary that take it: tests that
-/// measure a neighbour's latency against its idle baseline must not share
-/// the machine's cores with another test's VMs (2 cores in CI). Every test
-/// of such a binary takes it first.
-pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    SERIAL.lock().await
+static MEASURING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Taken first by a test that measures a neighbour's latency against its
+/// idle baseline: no other test of its binary runs VMs meanwhile (they
+/// would share the machine's 2 cores in CI). Waits for those running.
+pub async fn measuring_alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    MEASURING.write().await
+}
+
+/// Taken first by every other VM test of a binary that has tests taking
+/// [`measuring_alone`]: such tests run beside each other, never beside one
+/// that measures.
+pub async fn not_while_measuring() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    MEASURING.read().await
 }
 
 /// Median latency of a trivial exec (`true`) in `sb`, over 9 runs.

@@ -164,6 +164,11 @@ async fn main() -> anyhow::Result<()> {
                 let most = clients.iter().copied().max().unwrap_or(1);
                 opts.extra_args = vec!["--cpu-overcommit".into(), (most as f64).to_string()];
             }
+            if let Bench::Memory { clones } = &cli.bench {
+                // The running sandbox, its template and every clone, on a
+                // host that may have two cores.
+                opts.extra_args = vec!["--cpu-overcommit".into(), (clones + 2).to_string()];
+            }
             if cli.no_jail {
                 opts.extra_args.push("--no-jail".into());
             }

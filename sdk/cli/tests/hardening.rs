@@ -391,14 +391,13 @@ async fn a_full_disk_fails_cleanly() {
         status.contains("memory file") && status.contains("disk is full"),
         "{status}"
     );
-    let mut left: Vec<String> = std::fs::read_dir(&vms)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
-    let mut expected = vec![sb.id().to_string(), "filler".to_string()];
+    let mut expected = vec![dir.clone(), filler.clone()];
     expected.sort();
-    assert_eq!(left, expected, "a failed create left files behind");
+    assert_eq!(
+        somna_testkit::entries_of(&vms),
+        expected,
+        "a failed create left files behind"
+    );
 
     let out = sh(
         &sb,

@@ -305,7 +305,7 @@ fn registry_args(insecure: &[String]) -> Vec<String> {
 }
 
 /// The entries of directory `dir`, sorted (none if it does not exist).
-pub(crate) fn entries_of(dir: &Path) -> Vec<PathBuf> {
+pub fn entries_of(dir: &Path) -> Vec<PathBuf> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|it| it.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();

@@ -56,6 +56,8 @@ pub struct Agent {
     /// create that never arrived from a slow one.
     under_way: std::sync::Mutex<std::collections::HashSet<String>>,
     started_at: SystemTime,
+    /// The VMM jail (also held by the driver); released at shutdown.
+    jail: crate::jail::Jail,
 }
 
 /// What `somna host ls` shows about this host.
@@ -133,17 +135,13 @@ impl Agent {
         let (vmm, version, accel): (Arc<dyn Vmm>, String, AccelChoice) = match &config.vmm {
             // Cloud Hypervisor driver (issue 9): see driver.rs.
             VmmKind::CloudHypervisor { binary } => {
-                if jail.is_enabled() {
-                    warn!(
-                        "the VMM jail covers QEMU only: Cloud Hypervisor runs unjailed (README \"Jail\")"
-                    );
-                }
                 crate::driver::cloud_hypervisor(
                     binary,
                     config.accel,
                     &guest,
                     &config.vms_dir(),
                     config.probe_timeout,
+                    jail.clone(),
                 )
                 .await?
             }
@@ -152,7 +150,8 @@ impl Agent {
                     ChannelMode::Auto => QemuVmm::default_channel(),
                     ChannelMode::Fixed(kind) => kind,
                 };
-                let qemu = QemuVmm::new(config.qemu_binary.clone(), channel).with_jail(jail);
+                let qemu =
+                    QemuVmm::new(config.qemu_binary.clone(), channel).with_jail(jail.clone());
                 let version = qemu
                     .version()
                     .await
@@ -227,6 +226,7 @@ impl Agent {
             sandboxes: RwLock::new(HashMap::new()),
             under_way: Default::default(),
             started_at: SystemTime::now(),
+            jail,
             config,
         });
         for (dir, record) in recovered.kept {
@@ -678,6 +678,7 @@ impl Agent {
         // the way crash recovery would take it.
         crate::recovery::reap_leftovers(&self.config.vms_dir()).await;
         self.network.shutdown().await;
+        self.jail.release();
     }
 
     /// This host's state for listings.

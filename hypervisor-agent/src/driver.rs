@@ -13,6 +13,7 @@ use tracing::info;
 use crate::accel::{AccelChoice, AccelMode, PROBE_MARKER};
 use crate::config::GuestArtifacts;
 use crate::error::AgentError;
+use crate::jail::Jail;
 use crate::rundir::VmDir;
 use crate::vmm::cloud_hypervisor::{ChOptions, CloudHypervisorVmm};
 use crate::vmm::{Accelerator, ChannelKind, MemoryBacking, VmSpec, Vmm};
@@ -24,6 +25,7 @@ pub(crate) async fn cloud_hypervisor(
     guest: &GuestArtifacts,
     vms_dir: &Path,
     probe_timeout: Duration,
+    jail: Jail,
 ) -> Result<(Arc<dyn Vmm>, String, AccelChoice), AgentError> {
     let vmm = CloudHypervisorVmm::start(binary, ChOptions::default())
         .await
@@ -73,7 +75,9 @@ pub(crate) async fn cloud_hypervisor(
         channel = ChannelKind::Vsock.cmdline_value(),
         "accelerator selected"
     );
-    Ok((Arc::new(vmm), version, accel))
+    // The probe guest (Somna's own, never user code) ran unjailed, as the
+    // QEMU accelerator probe does; every VM from here on is jailed.
+    Ok((Arc::new(vmm.with_jail(jail)), version, accel))
 }
 
 /// Boots the guest in probe mode (`somna.probe=1`: it prints

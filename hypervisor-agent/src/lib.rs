@@ -40,7 +40,7 @@ pub use agent::{Agent, HostInfo, PoolInfo, TemplateInfo};
 pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, VmmKind, WarmPoolSpec};
 pub use error::AgentError;
 pub use images::PulledImage;
-pub use jail::{CgroupLayout, JailConfig, Limits as VmmLimits};
+pub use jail::{CgroupLayout, JailConfig, Limits as VmmLimits, VmmFiles};
 pub use network::{ActivityGuard, PortConnection};
 pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState, StartMode};
 pub use somna_netd::{Counters as NetworkCounters, EgressPolicy, NetdConfig};

@@ -222,6 +222,28 @@ impl CgroupRoot {
     }
 }
 
+impl CgroupRoot {
+    /// Removes this agent's subtree where it is empty (agent shutdown). A
+    /// VMM that outlives the agent (taken over by the next one) keeps its
+    /// leaf, and so the subtree, which that agent's start-up sweep then
+    /// removes.
+    pub(super) fn remove_if_empty(&self) {
+        for dir in &self.dirs {
+            if let Err(e) = std::fs::remove_dir(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::debug!(dir = %dir.display(), error = %e, "agent cgroup kept");
+            }
+        }
+    }
+}
+
+impl Drop for CgroupRoot {
+    fn drop(&mut self) {
+        self.remove_if_empty();
+    }
+}
+
 /// One VMM's cgroup (a directory per v1 hierarchy, one on v2). Removed
 /// when dropped; the VMM must have exited.
 #[derive(Debug)]

@@ -1,10 +1,11 @@
-//! The VMM jail. A guest that escapes QEMU lands in a process that runs as
-//! its own unprivileged uid, with no capabilities and `no_new_privs`, in its
-//! own mount, network, IPC and UTS namespaces where the file system holds
+//! The VMM jail. A guest that escapes its VMM (QEMU or Cloud Hypervisor)
+//! lands in a process that runs as its own unprivileged uid, with no
+//! capabilities and `no_new_privs`, in its own mount, network, IPC and UTS namespaces where the file system holds
 //! only `/usr` (read-only), a minimal `/dev` and the VM's own files, inside
-//! a cgroup that caps its CPU, memory, pids and disk I/O; QEMU's own
-//! seccomp filter (`-sandbox on`) sits on top. The agent opens what needs
-//! privilege (the TAP, the snapshot files) and passes file descriptors.
+//! a cgroup that caps its CPU, memory, pids and disk I/O; the VMM's own
+//! seccomp filter (QEMU's `-sandbox on`, Cloud Hypervisor's default
+//! `--seccomp true`) sits on top. The agent opens what needs privilege (the
+//! TAP, QEMU's snapshot files) and passes file descriptors.
 //!
 //! [`Jail`] is per agent: it owns the uid pool, this agent's cgroup subtree
 //! and the jail root mount point. [`Jail::prepare`] does the work that
@@ -28,7 +29,7 @@ use mounts::MountPlan;
 use uids::{UidLease, UidPool};
 
 use crate::rundir::VmDir;
-use crate::vmm::{Accelerator, ChannelKind, VmSpec};
+use crate::vmm::{Accelerator, VmSpec};
 
 /// Errors preparing a jail (in the agent, before the VMM starts).
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,18 @@ impl JailError {
             source,
         }
     }
+}
+
+/// What a VMM opens by path besides its run directory, disks, kernel and
+/// initramfs: each is made visible in its jail.
+#[derive(Debug, Clone, Default)]
+pub struct VmmFiles<'a> {
+    /// The guest RAM file (`spec.memory`; QEMU's `memory-backend-file`).
+    pub memory_file: bool,
+    /// `/dev/vhost-vsock` (QEMU's vhost-vsock device).
+    pub vhost_vsock: bool,
+    /// Files or directories it reads (a snapshot to restore from).
+    pub read_only: Vec<&'a Path>,
 }
 
 /// How VMMs are jailed on this host.
@@ -160,6 +173,29 @@ impl Jail {
         self.inner.is_some()
     }
 
+    /// Takes a tree a jailed VMM wrote (a Cloud Hypervisor snapshot) back
+    /// from it: owned by the agent, readable by the pool's group only, so
+    /// that the uid which wrote it can be handed to another VMM without
+    /// that VMM owning these files. A no-op when the jail is off.
+    pub fn reclaim(&self, path: &Path) -> Result<(), JailError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        // SAFETY: geteuid has no preconditions.
+        let agent = unsafe { libc::geteuid() };
+        chown_tree(path, agent, inner.gid)?;
+        restrict_tree(path)
+    }
+
+    /// Agent shutdown, after every VMM has exited: removes this agent's
+    /// cgroup subtree (it is also removed when the last clone of the jail
+    /// is dropped).
+    pub fn release(&self) {
+        if let Some(c) = self.inner.as_ref().and_then(|i| i.cgroups.as_ref()) {
+            c.remove_if_empty();
+        }
+    }
+
     /// The cgroup layout in use, if any.
     pub fn cgroup_layout(&self) -> Option<CgroupLayout> {
         self.inner
@@ -170,14 +206,16 @@ impl Jail {
     }
 
     /// Prepares the jail for one VMM process running `binary` for `spec`
-    /// in `dir`: takes a uid, hands the VM's writable files to it, creates
-    /// the cgroup with the sandbox's limits and plans the mounts. None when
-    /// the jail is disabled.
+    /// in `dir`, opening `files` beyond the VM's own: takes a uid, hands
+    /// the VM's writable files to it, creates the cgroup with the
+    /// sandbox's limits and plans the mounts. None when the jail is
+    /// disabled.
     pub fn prepare(
         &self,
         spec: &VmSpec,
         dir: &VmDir,
         binary: &Path,
+        files: &VmmFiles<'_>,
     ) -> Result<Option<JailedLaunch>, JailError> {
         let Some(inner) = &self.inner else {
             return Ok(None);
@@ -200,7 +238,7 @@ impl Jail {
             u,
             g,
             spec.accelerator == Accelerator::Kvm,
-            spec.channel == ChannelKind::Vsock,
+            files.vhost_vsock,
         )?;
         plan.bind(&spec.kernel, true)?;
         plan.bind(&spec.initramfs, true)?;
@@ -210,22 +248,31 @@ impl Jail {
             }
             plan.bind(&disk.path, disk.read_only)?;
         }
-        let mem = &spec.memory.path;
-        if !mem.exists() {
-            std::fs::File::create(mem).map_err(JailError::io("create", mem))?;
+        if files.memory_file {
+            let mem = &spec.memory.path;
+            if !mem.exists() {
+                std::fs::File::create(mem).map_err(JailError::io("create", mem))?;
+            }
+            if spec.memory.shared {
+                chown(mem)?;
+            } else {
+                // A template's RAM, mapped privately by every clone. QEMU
+                // 7.2 opens it read-write even so (8.2 falls back to
+                // read-only), so the pool's group may write it: see README
+                // "Jail".
+                use std::os::unix::fs::PermissionsExt;
+                std::os::unix::fs::chown(mem, None, Some(g))
+                    .map_err(JailError::io("chown", mem))?;
+                std::fs::set_permissions(mem, std::fs::Permissions::from_mode(0o660))
+                    .map_err(JailError::io("chmod", mem))?;
+            }
+            plan.bind(mem, false)?;
         }
-        if spec.memory.shared {
-            chown(mem)?;
-        } else {
-            // A template's RAM, mapped privately by every clone. QEMU 7.2
-            // opens it read-write even so (8.2 falls back to read-only), so
-            // the pool's group may write it: see README "Jail".
-            use std::os::unix::fs::PermissionsExt;
-            std::os::unix::fs::chown(mem, None, Some(g)).map_err(JailError::io("chown", mem))?;
-            std::fs::set_permissions(mem, std::fs::Permissions::from_mode(0o660))
-                .map_err(JailError::io("chmod", mem))?;
+        for p in &files.read_only {
+            if !p.starts_with(dir.path()) {
+                plan.bind(p, true)?;
+            }
         }
-        plan.bind(mem, false)?;
         plan.bind(dir.path(), false)?;
         let cgroup = match &inner.cgroups {
             Some(root) => {
@@ -321,6 +368,82 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Directories 0750, files 0640 (symlinks untouched).
+fn restrict_tree(path: &Path) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path).map_err(JailError::io("inspect", path))?;
+    let mode = if meta.is_dir() {
+        0o750
+    } else if meta.is_file() {
+        0o640
+    } else {
+        return Ok(());
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(JailError::io("chmod", path))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(JailError::io("list", path))? {
+            let entry = entry.map_err(JailError::io("list", path))?;
+            restrict_tree(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn cstring(p: &Path) -> Result<CString, JailError> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::BadPath(p.to_path_buf()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[tokio::test]
+    async fn reclaim_takes_a_vmm_written_tree_back_from_its_uid() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED reclaim_takes_a_vmm_written_tree_back_from_its_uid: not root");
+            return;
+        }
+        let data = tempfile::tempdir().unwrap();
+        let config = JailConfig {
+            limits: None,
+            ..JailConfig::default()
+        };
+        let jail = Jail::start(&config, data.path()).await.unwrap();
+        // What a jailed VMM leaves: its uid's files, world-readable.
+        let out = data.path().join("snapshot.out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("memory-ranges"), b"ram").unwrap();
+        std::os::unix::fs::symlink("memory-ranges", out.join("link")).unwrap();
+        let vmm_uid = config.uid_base + 7;
+        chown_tree(&out, vmm_uid, vmm_uid).unwrap();
+        std::fs::set_permissions(
+            out.join("memory-ranges"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+
+        jail.reclaim(&out).unwrap();
+        let gid = config.uid_base - 1;
+        for (path, mode) in [(out.clone(), 0o750), (out.join("memory-ranges"), 0o640)] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (0, gid), "{}", path.display());
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                mode,
+                "{}",
+                path.display()
+            );
+        }
+        let link = std::fs::symlink_metadata(out.join("link")).unwrap();
+        assert_eq!(
+            link.uid(),
+            0,
+            "the link changes owner, not its target's mode"
+        );
+        // Off: nothing to take back.
+        Jail::disabled().reclaim(&out).unwrap();
+    }
 }

@@ -96,6 +96,24 @@ pub struct NetSpec {
     pub mac: String,
 }
 
+/// Opens the TAP of `spec.net` in its slot's namespace, with a
+/// `virtio_net_hdr` (both VMMs' virtio-net use it for offloads), to pass to
+/// the VMM, which never opens one itself. None without a network; the
+/// error says what failed.
+pub(crate) async fn open_tap(spec: &VmSpec) -> Result<Option<std::os::fd::OwnedFd>, String> {
+    let Some(net) = spec.net.clone() else {
+        return Ok(None);
+    };
+    let what = format!("opening TAP {} for {}", net.tap, spec.id);
+    tokio::task::spawn_blocking(move || {
+        somna_netd::open_vmm_tap(net.netns.as_deref(), &net.tap, true)
+    })
+    .await
+    .map_err(|e| format!("{what}: {e}"))?
+    .map(Some)
+    .map_err(|e| format!("{what}: {e}"))
+}
+
 /// Restore instead of boot: the VMM loads this state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {

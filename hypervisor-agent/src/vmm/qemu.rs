@@ -225,27 +225,6 @@ impl QemuVmm {
 /// The fd number under which QEMU inherits the VM's TAP (see `args`).
 const TAP_FD: i32 = 3;
 
-/// Opens the TAP of `spec.net` (with a `virtio_net_hdr`, which QEMU's
-/// virtio-net uses for offloads).
-async fn open_tap(spec: &VmSpec) -> Result<Option<std::os::fd::OwnedFd>, VmmError> {
-    let Some(net) = spec.net.clone() else {
-        return Ok(None);
-    };
-    let what = format!("opening TAP {} for {}", net.tap, spec.id);
-    let opened = tokio::task::spawn_blocking(move || {
-        somna_netd::open_vmm_tap(net.netns.as_deref(), &net.tap, true)
-    })
-    .await
-    .map_err(|e| VmmError::Failed {
-        id: spec.id.clone(),
-        what: format!("{what}: {e}"),
-    })?;
-    opened.map(Some).map_err(|e| VmmError::Failed {
-        id: spec.id.clone(),
-        what: format!("{what}: {e}"),
-    })
-}
-
 /// QEMU option values separate with ','; a literal comma is written ",,".
 fn escape_opt(s: &str) -> String {
     s.replace(',', ",,")
@@ -278,8 +257,21 @@ impl Vmm for QemuVmm {
         };
         let log = std::fs::File::create(dir.vmm_log()).map_err(io("create VMM log"))?;
         let log2 = log.try_clone().map_err(io("clone VMM log fd"))?;
-        let tap = open_tap(spec).await?;
-        let jailed = self.jail.prepare(spec, dir, &self.binary)?.map(Arc::new);
+        let tap = super::open_tap(spec)
+            .await
+            .map_err(|what| VmmError::Failed {
+                id: spec.id.clone(),
+                what,
+            })?;
+        let files = crate::jail::VmmFiles {
+            memory_file: true,
+            vhost_vsock: spec.channel == ChannelKind::Vsock,
+            read_only: Vec::new(),
+        };
+        let jailed = self
+            .jail
+            .prepare(spec, dir, &self.binary, &files)?
+            .map(Arc::new);
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(self.args(spec, dir, incoming.is_some()))
             .stdin(Stdio::null())

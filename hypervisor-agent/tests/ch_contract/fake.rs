@@ -8,8 +8,14 @@
 //! the spec: unknown path → 404, method not in the spec → 405, body not
 //! valid against the operation's request schema → 400 (and recorded as a
 //! violation). Answers are checked against the spec's response schemas.
+//!
+//! File descriptors sent with a request (`SCM_RIGHTS`, as the real VMM's
+//! HTTP server takes them) are received per connection; each is named by
+//! the TAP it is attached to (`TUNGETIFF`), so a test sees which TAP the
+//! driver passed with which call.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +37,9 @@ pub struct Call {
     pub call: String,
     pub body: Option<Value>,
     pub status: u16,
+    /// The TAPs whose descriptors came with the request, in order
+    /// (`"not a TAP"` for any other descriptor).
+    pub taps: Vec<String>,
 }
 
 /// How the fake behaves; shared by all its processes.
@@ -234,12 +243,22 @@ async fn serve(listener: UnixListener, pid: u32, spec: Arc<Spec>, shared: Arc<Mu
         tokio::spawn(async move {
             let exit_after = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = exit_after.clone();
+            let received = Arc::new(Mutex::new(Vec::new()));
+            let stream = FdReceivingStream {
+                inner: stream,
+                fds: received.clone(),
+            };
             let service = hyper::service::service_fn(move |req| {
-                let (spec, shared, vmm, flag) =
-                    (spec.clone(), shared.clone(), vmm.clone(), flag.clone());
+                let (spec, shared, vmm, flag, received) = (
+                    spec.clone(),
+                    shared.clone(),
+                    vmm.clone(),
+                    flag.clone(),
+                    received.clone(),
+                );
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        handle(req, &spec, &shared, &vmm, &flag).await,
+                        handle(req, &spec, &shared, &vmm, &flag, &received).await,
                     )
                 }
             });
@@ -263,6 +282,7 @@ async fn handle(
     shared: &Mutex<Shared>,
     vmm: &tokio::sync::Mutex<Vmm>,
     exit_after: &std::sync::atomic::AtomicBool,
+    received: &Mutex<Vec<OwnedFd>>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -272,6 +292,10 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    // Whatever came with this request's bytes (the VMM closes them after
+    // use; here they close at the end of the call).
+    let fds: Vec<OwnedFd> = std::mem::take(&mut *received.lock().unwrap());
+    let taps: Vec<String> = fds.iter().map(tap_name).collect();
     let mut vmm = vmm.lock().await;
     let pid = vmm.pid;
     let call = path.strip_prefix("/api/v1/").unwrap_or(&path).to_string();
@@ -317,7 +341,15 @@ async fn handle(
             break 'answer (status, Some(json!(msgs)), parsed);
         }
         let behaviour = shared.lock().unwrap().behaviour.clone();
-        let (status, answer) = act(&mut vmm, &call, parsed.as_ref(), &behaviour, spec, shared);
+        let (status, answer) = act(
+            &mut vmm,
+            &call,
+            parsed.as_ref(),
+            &taps,
+            &behaviour,
+            spec,
+            shared,
+        );
         if status < 300
             && let Some(schema) = Spec::response_schema(op, status)
         {
@@ -345,6 +377,7 @@ async fn handle(
         call,
         body: parsed,
         status,
+        taps,
     });
     let mut resp = Response::builder().status(StatusCode::from_u16(status).unwrap());
     let bytes = match answer {
@@ -362,6 +395,7 @@ fn act(
     vmm: &mut Vmm,
     call: &str,
     body: Option<&Value>,
+    taps: &[String],
     behaviour: &Behaviour,
     spec: &Spec,
     shared: &Mutex<Shared>,
@@ -526,6 +560,40 @@ fn act(
                     .push(format!("restore config.json: {}", errors.join("; ")));
                 return (400, chain(&["Error from API", "invalid config.json"]));
             }
+            // Every fd-backed network device needs its new descriptors, and
+            // the request must carry exactly those.
+            let wanted: Vec<(String, usize)> = config["net"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| {
+                    let fds = n["fds"].as_array()?;
+                    Some((n["id"].as_str()?.to_string(), fds.len()))
+                })
+                .collect();
+            let given: Vec<(String, usize)> = body["net_fds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| {
+                    (
+                        n["id"].as_str().unwrap_or_default().to_string(),
+                        n["num_fds"].as_u64().unwrap_or(0) as usize,
+                    )
+                })
+                .collect();
+            if wanted != given || given.iter().map(|(_, n)| n).sum::<usize>() != taps.len() {
+                return (
+                    400,
+                    chain(&[
+                        "Error from API",
+                        &format!(
+                            "net_fds {given:?} with {} fds does not give the devices {wanted:?}",
+                            taps.len()
+                        ),
+                    ]),
+                );
+            }
             for needed in ["state.json", "memory-ranges"] {
                 if !dir.join(needed).is_file() {
                     return (
@@ -546,6 +614,34 @@ fn act(
             start_vsock(vmm);
             (204, None)
         }
+        // Cold add before vm.boot (only the config changes), as the VMM
+        // does; the descriptors become the device's queues, numbered as
+        // the VMM's own fds would be in its config.json.
+        "vm.add-net" => match state {
+            None => (404, chain(&["Error from API", "VM is not created"])),
+            Some(VmState::Created) => {
+                let mut net = body.cloned().unwrap_or_default();
+                if net.get("tap").is_none() && taps.is_empty() {
+                    return (
+                        400,
+                        chain(&["Error from API", "a network device needs a TAP or its fds"]),
+                    );
+                }
+                if !taps.is_empty() {
+                    net["fds"] = json!((0..taps.len()).map(|i| 40 + i).collect::<Vec<_>>());
+                }
+                let config = &mut vmm.vm.as_mut().unwrap().1;
+                match config["net"].as_array_mut() {
+                    Some(nets) => nets.push(net),
+                    None => config["net"] = json!([net]),
+                }
+                (204, None)
+            }
+            Some(_) => (
+                500,
+                chain(&["fake cloud-hypervisor does not hot-plug network devices"]),
+            ),
+        },
         "vm.add-device" => match state {
             None => (404, chain(&["Error from API", "VM is not created"])),
             Some(_) => {
@@ -588,6 +684,90 @@ fn act(
             500,
             chain(&["fake cloud-hypervisor does not implement", other]),
         ),
+    }
+}
+
+/// The name of the TAP `fd` is attached to.
+fn tap_name(fd: &OwnedFd) -> String {
+    const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+    let mut req = [0u8; 40];
+    // SAFETY: TUNGETIFF writes an ifreq (40 bytes) into `req`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, req.as_mut_ptr()) };
+    if rc != 0 {
+        return "not a TAP".into();
+    }
+    let name = &req[..libc::IFNAMSIZ];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+/// A server-side Unix stream that keeps the descriptors arriving with
+/// its bytes (what the VMM's HTTP server does).
+struct FdReceivingStream {
+    inner: tokio::net::UnixStream,
+    fds: Arc<Mutex<Vec<OwnedFd>>>,
+}
+
+impl tokio::io::AsyncRead for FdReceivingStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let this = self.get_mut();
+        loop {
+            std::task::ready!(this.inner.poll_read_ready(cx))?;
+            let fd = this.inner.as_raw_fd();
+            let unfilled = buf.initialize_unfilled();
+            let got = this.inner.try_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [std::io::IoSliceMut::new(unfilled)];
+                let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(received) = c {
+                        fds.extend(received);
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match got {
+                Ok((n, fds)) => {
+                    let mut kept = this.fds.lock().unwrap();
+                    // SAFETY: each descriptor was just received and is ours.
+                    kept.extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for FdReceivingStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -3,15 +3,20 @@
 //! implementing the subset the driver uses validates every request body
 //! against the spec's schemas (read from the YAML at test time) while the
 //! driver goes through create/boot/pause/snapshot/restore/shutdown, VFIO
-//! hot-plug, and error answers. No KVM or real VMM is needed.
+//! hot-plug, and error answers. No KVM or real VMM is needed; root is (the
+//! driver opens each VM's TAP in a network namespace the test creates, and
+//! the server checks which TAP it was given).
 
 mod fake;
+mod jailed;
+mod netns;
 mod spec;
 
 use std::path::Path;
 use std::time::Duration;
 
 use fake::{Behaviour, FakeCh, reaped};
+use netns::TestNetns;
 use somna_hypervisor_agent::rundir::VmDir;
 use somna_hypervisor_agent::vmm::cloud_hypervisor::{
     ChError, ChOptions, CloudHypervisorVmm, MemoryRestoreMode, probe_binary, vsock,
@@ -22,7 +27,7 @@ use somna_hypervisor_agent::vmm::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn spec(id: &str, dir: &VmDir, net: bool) -> VmSpec {
+fn spec(id: &str, dir: &VmDir, net: Option<&TestNetns>) -> VmSpec {
     VmSpec {
         id: id.into(),
         cpus: 2,
@@ -46,9 +51,9 @@ fn spec(id: &str, dir: &VmDir, net: bool) -> VmSpec {
                 serial: "somna-rw".into(),
             },
         ],
-        net: net.then(|| NetSpec {
+        net: net.map(|ns| NetSpec {
             tap: format!("tap-{id}"),
-            netns: None,
+            netns: Some(ns.path()),
             mac: "02:00:00:00:00:02".into(),
         }),
         channel: ChannelKind::Vsock,
@@ -77,6 +82,7 @@ async fn vsock_echo(endpoint: &AgentEndpoint) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_follows_the_spec() {
+    let ns = TestNetns::new("life");
     let fake = FakeCh::start(Behaviour::default());
     let vmm = CloudHypervisorVmm::start(&fake.binary, ChOptions::default())
         .await
@@ -90,7 +96,7 @@ async fn lifecycle_follows_the_spec() {
     let root = tempfile::tempdir().unwrap();
     let dir = VmDir::create(root.path(), "sbx-1").unwrap();
     let vm = vmm
-        .launch(&spec("sbx-1", &dir, true), &dir, None)
+        .launch(&spec("sbx-1", &dir, Some(&ns)), &dir, None)
         .await
         .unwrap();
     assert_eq!(vm.restore_mode(), None);
@@ -126,6 +132,7 @@ async fn lifecycle_follows_the_spec() {
         [
             "GET vmm.ping",
             "PUT vm.create",
+            "PUT vm.add-net",
             "PUT vm.boot",
             "PUT vm.resume",
             "PUT vm.pause",
@@ -143,7 +150,27 @@ async fn lifecycle_follows_the_spec() {
     assert_eq!(create["payload"]["kernel"], "/guest/vmlinux");
     assert_eq!(create["cpus"]["boot_vcpus"], 2);
     assert_eq!(create["memory"]["size"], 64u64 << 20);
-    assert_eq!(create["net"][0]["tap"], "tap-sbx-1");
+    // The network device comes after vm.create, with the slot's TAP as a
+    // descriptor: the VMM never opens a TAP by name.
+    assert!(create.get("net").is_none(), "{create}");
+    let add_net = fake
+        .calls()
+        .into_iter()
+        .find(|c| c.call == "vm.add-net")
+        .unwrap();
+    assert_eq!(add_net.status, 204);
+    assert_eq!(add_net.taps, ["tap-sbx-1"]);
+    assert_eq!(
+        add_net.body.unwrap(),
+        serde_json::json!({"mac": "02:00:00:00:00:02", "id": "net0"})
+    );
+    assert!(
+        fake.calls()
+            .iter()
+            .filter(|c| c.call != "vm.add-net")
+            .all(|c| c.taps.is_empty()),
+        "descriptors go only where they are used"
+    );
     assert_eq!(create["disks"][0]["readonly"], true);
     assert_eq!(create["serial"]["mode"], "Tty");
     assert_eq!(
@@ -162,7 +189,7 @@ async fn lifecycle_follows_the_spec() {
         resume: true,
     };
     let vm2 = vmm
-        .launch(&spec("sbx-2", &dir2, true), &dir2, Some(&incoming))
+        .launch(&spec("sbx-2", &dir2, Some(&ns)), &dir2, Some(&incoming))
         .await
         .unwrap();
     assert_eq!(vm2.restore_mode().as_deref(), Some("Copy"));
@@ -201,10 +228,19 @@ async fn lifecycle_follows_the_spec() {
     assert_ne!(restore_pids[1], restore_pids[2]);
     assert!(reaped(restore_pids[1]));
     assert_eq!(restore_pids[2], vm2.pid());
-    // The restored VM uses its own paths and TAP.
+    // The restored VM uses its own paths and TAP: every attempt passed the
+    // new slot's TAP for the fd-backed device.
     let restored = std::fs::read(dir2.path().join("restore/config.json")).unwrap();
     let restored: serde_json::Value = serde_json::from_slice(&restored).unwrap();
-    assert_eq!(restored["net"][0]["tap"], "tap-sbx-2");
+    assert!(restored["net"][0].get("tap").is_none(), "{restored}");
+    assert_eq!(restored["net"][0]["fds"], serde_json::json!([-1]));
+    for c in fake.calls().iter().filter(|c| c.call == "vm.restore") {
+        assert_eq!(c.taps, ["tap-sbx-2"], "{c:?}");
+        assert_eq!(
+            c.body.as_ref().unwrap()["net_fds"],
+            serde_json::json!([{"id": "net0", "num_fds": 1}])
+        );
+    }
     assert_eq!(
         restored["disks"][1]["path"],
         dir2.rw_disk().display().to_string()
@@ -216,7 +252,7 @@ async fn lifecycle_follows_the_spec() {
     // A second wake: neither refused mode is tried again.
     let dir3 = VmDir::create(root.path(), "sbx-3").unwrap();
     let vm3 = vmm
-        .launch(&spec("sbx-3", &dir3, true), &dir3, Some(&incoming))
+        .launch(&spec("sbx-3", &dir3, Some(&ns)), &dir3, Some(&incoming))
         .await
         .unwrap();
     assert_eq!(vm3.restore_mode().as_deref(), Some("Copy"));
@@ -242,7 +278,7 @@ async fn lifecycle_follows_the_spec() {
     .unwrap();
     let dir3b = VmDir::create(root.path(), "sbx-3b").unwrap();
     let vm3b = lazy
-        .launch(&spec("sbx-3b", &dir3b, true), &dir3b, Some(&incoming))
+        .launch(&spec("sbx-3b", &dir3b, Some(&ns)), &dir3b, Some(&incoming))
         .await
         .unwrap();
     assert_eq!(vm3b.restore_mode().as_deref(), Some("OnDemand"));
@@ -255,7 +291,7 @@ async fn lifecycle_follows_the_spec() {
         ..incoming.clone()
     };
     let vm4 = vmm
-        .launch(&spec("sbx-4", &dir4, true), &dir4, Some(&paused))
+        .launch(&spec("sbx-4", &dir4, Some(&ns)), &dir4, Some(&paused))
         .await
         .unwrap();
     vm4.resume().await.unwrap();
@@ -263,7 +299,7 @@ async fn lifecycle_follows_the_spec() {
 
     // A snapshot of another shape is refused before any VMM starts.
     let dir5 = VmDir::create(root.path(), "sbx-5").unwrap();
-    let mut other = spec("sbx-5", &dir5, true);
+    let mut other = spec("sbx-5", &dir5, Some(&ns));
     other.cpus = 4;
     let err = vmm
         .launch(&other, &dir5, Some(&incoming))
@@ -303,7 +339,7 @@ async fn vfio_devices_attach_and_detach() {
     let root = tempfile::tempdir().unwrap();
     let dir = VmDir::create(root.path(), "gpu-1").unwrap();
     let vm = vmm
-        .launch(&spec("gpu-1", &dir, false), &dir, None)
+        .launch(&spec("gpu-1", &dir, None), &dir, None)
         .await
         .unwrap();
     let gpu = VfioDevice {
@@ -366,7 +402,7 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
     );
     let dir = VmDir::create(root.path(), "e-1").unwrap();
     let err = ch_error(
-        vmm.launch(&spec("e-1", &dir, false), &dir, None)
+        vmm.launch(&spec("e-1", &dir, None), &dir, None)
             .await
             .err()
             .unwrap(),
@@ -391,7 +427,7 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
     fake.inject("vm.create", 404, &["Error from API", "Not Found"]);
     let dir = VmDir::create(root.path(), "e-2").unwrap();
     let err = vmm
-        .launch(&spec("e-2", &dir, false), &dir, None)
+        .launch(&spec("e-2", &dir, None), &dir, None)
         .await
         .err()
         .unwrap()
@@ -404,7 +440,7 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
     // 405 on vm.pause and 500 on vm.snapshot of a running VM.
     let dir = VmDir::create(root.path(), "e-3").unwrap();
     let vm = vmm
-        .launch(&spec("e-3", &dir, false), &dir, None)
+        .launch(&spec("e-3", &dir, None), &dir, None)
         .await
         .unwrap();
     fake.inject("vm.pause", 405, &["Error from API", "VM is not booted"]);
@@ -446,7 +482,7 @@ async fn api_errors_name_the_binary_and_the_call_and_reap_the_vmm() {
         resume: true,
     };
     let err = vmm2
-        .launch(&spec("e-4", &dir, false), &dir, Some(&incoming))
+        .launch(&spec("e-4", &dir, None), &dir, Some(&incoming))
         .await
         .err()
         .unwrap()

@@ -42,6 +42,38 @@ fn close_objects(v: &mut Value) {
     }
 }
 
+/// What the published spec leaves out but the VMM reads, declared here so
+/// that the driver may send it and nothing else:
+/// - `RestoreConfig.net_fds` (Cloud Hypervisor's `vmm/src/config.rs`
+///   `RestoreConfig` and `RestoredNetConfig`, documented in its
+///   `docs/snapshot_restore.md`): the network devices that get new TAP
+///   descriptors, sent with the request;
+/// - `NetConfig.fds` (`vmm/src/vm_config.rs`): how a snapshot's
+///   `config.json` marks a device backed by descriptors (read back as -1s).
+fn declare_undocumented(schemas: &mut Value) {
+    let net = &mut schemas["NetConfig"]["properties"];
+    if net.get("fds").is_none() {
+        net["fds"] = json!({ "type": "array", "items": { "type": "integer" } });
+    }
+    let restore = &mut schemas["RestoreConfig"]["properties"];
+    if restore.get("net_fds").is_none() {
+        restore["net_fds"] = json!({
+            "type": "array",
+            "items": { "$ref": "#/components/schemas/RestoredNetConfig" },
+        });
+    }
+    if schemas.get("RestoredNetConfig").is_none() {
+        schemas["RestoredNetConfig"] = json!({
+            "type": "object",
+            "required": ["id"],
+            "properties": {
+                "id": { "type": "string" },
+                "num_fds": { "type": "integer" },
+            },
+        });
+    }
+}
+
 impl Spec {
     pub fn load() -> Spec {
         let path = spec_path();
@@ -59,6 +91,7 @@ impl Spec {
         let doc = yaml_to_json(yaml);
         let mut schemas = doc["components"]["schemas"].clone();
         assert!(schemas.is_object(), "the spec has no components/schemas");
+        declare_undocumented(&mut schemas);
         close_objects(&mut schemas);
         let mut validators = HashMap::new();
         for name in schemas.as_object().unwrap().keys() {

@@ -3,6 +3,7 @@
 //! under `/api/v1/`. Error answers carry a JSON array of messages (the
 //! error chain), which the error joins into one line.
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::error::ChError;
+use super::fds::FdPassingStream;
 use super::types::{
-    PciDeviceInfo, RestoreConfig, VmInfo, VmRemoveDevice, VmSnapshotConfig, VmmPingResponse,
+    NetConfig, PciDeviceInfo, RestoreConfig, VmInfo, VmRemoveDevice, VmSnapshotConfig,
+    VmmPingResponse,
 };
 
 /// An answer: the status and the body.
@@ -86,9 +89,24 @@ impl ApiClient {
         self.put("vm.snapshot", Some(config)).await.map(drop)
     }
 
-    /// `PUT /vm.restore`.
-    pub async fn restore(&self, config: &RestoreConfig) -> Result<(), ChError> {
-        self.put("vm.restore", Some(config)).await.map(drop)
+    /// `PUT /vm.restore`, passing `taps` for the devices its `net_fds`
+    /// names, in that order.
+    pub async fn restore(
+        &self,
+        config: &RestoreConfig,
+        taps: &[BorrowedFd<'_>],
+    ) -> Result<(), ChError> {
+        self.put_with_fds("vm.restore", Some(config), taps)
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /vm.add-net` with the TAP passed as a file descriptor (before
+    /// `vm.boot` this is a cold add, answered 204).
+    pub async fn add_net(&self, config: &NetConfig, tap: BorrowedFd<'_>) -> Result<(), ChError> {
+        self.put_with_fds("vm.add-net", Some(config), &[tap])
+            .await
+            .map(drop)
     }
 
     /// `PUT /vm.add-device`: the device's id and guest address (a cold
@@ -111,7 +129,7 @@ impl ApiClient {
     }
 
     async fn get_json<T: DeserializeOwned>(&self, call: &'static str) -> Result<T, ChError> {
-        let answer = self.call(Method::GET, call, None).await?;
+        let answer = self.call(Method::GET, call, None, Vec::new()).await?;
         let body = self.check(call, answer)?;
         self.decode(call, &body)
     }
@@ -122,6 +140,16 @@ impl ApiClient {
         call: &'static str,
         body: Option<&impl Serialize>,
     ) -> Result<Bytes, ChError> {
+        self.put_with_fds(call, body, &[]).await
+    }
+
+    /// A `PUT` whose request carries `fds` (`SCM_RIGHTS`).
+    async fn put_with_fds(
+        &self,
+        call: &'static str,
+        body: Option<&impl Serialize>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Bytes, ChError> {
         let body = body
             .map(serde_json::to_vec)
             .transpose()
@@ -130,7 +158,8 @@ impl ApiClient {
                 call: call.to_string(),
                 reason: format!("cannot encode the request body: {e}"),
             })?;
-        let answer = self.call(Method::PUT, call, body).await?;
+        let fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let answer = self.call(Method::PUT, call, body, fds).await?;
         self.check(call, answer)
     }
 
@@ -158,23 +187,26 @@ impl ApiClient {
         })
     }
 
-    /// One request on a fresh connection, bounded by the timeout.
+    /// One request on a fresh connection, bounded by the timeout. `fds`
+    /// stay open with the caller until this returns.
     async fn call(
         &self,
         method: Method,
         call: &'static str,
         body: Option<Vec<u8>>,
+        fds: Vec<RawFd>,
     ) -> Result<Answer, ChError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.exchange(method.clone(), call, body))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ChError::Timeout {
-                    binary: self.binary.clone(),
-                    call: call.to_string(),
-                    after: self.timeout,
-                })
-            });
+        let result =
+            tokio::time::timeout(self.timeout, self.exchange(method.clone(), call, body, fds))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ChError::Timeout {
+                        binary: self.binary.clone(),
+                        call: call.to_string(),
+                        after: self.timeout,
+                    })
+                });
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(a) => {
@@ -192,6 +224,7 @@ impl ApiClient {
         method: Method,
         call: &'static str,
         body: Option<Vec<u8>>,
+        fds: Vec<RawFd>,
     ) -> Result<Answer, ChError> {
         let transport = |what: &str, e: &dyn std::fmt::Display| ChError::Transport {
             binary: self.binary.clone(),
@@ -206,6 +239,7 @@ impl ApiClient {
                     &e,
                 )
             })?;
+        let stream = FdPassingStream::new(stream, fds);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| transport("HTTP handshake", &e))?;

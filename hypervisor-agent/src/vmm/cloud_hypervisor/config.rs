@@ -14,6 +14,10 @@
 //! - Agent channel: hybrid vsock, guest CID 3 (each VM has its own vsock
 //!   device and host socket, so CIDs never clash), `somna.channel=vsock`.
 //! - Devices are virtio-pci: the guest kernel must not get `pci=off`.
+//! - Network: one virtio-net device `net0` whose TAP the agent opens and
+//!   passes as a file descriptor (`vm.add-net` before `vm.boot`, `net_fds`
+//!   on `vm.restore`): `vm.create` takes no descriptors, and the VMM, in
+//!   its jail, can neither see the slot's namespace nor open a TAP.
 
 use std::path::Path;
 
@@ -27,6 +31,17 @@ use crate::vmm::VmSpec;
 
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
+
+/// The id of the guest's one network device.
+pub const NET_ID: &str = "net0";
+
+/// The network device of `spec`, for `vm.add-net` with its TAP's fd.
+pub fn net_config(spec: &VmSpec) -> Option<NetConfig> {
+    spec.net.as_ref().map(|n| NetConfig {
+        mac: n.mac.clone(),
+        id: NET_ID.into(),
+    })
+}
 
 /// The `VmConfig` that boots `spec`, with its agent channel on
 /// `vsock_socket`.
@@ -55,15 +70,6 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
                 image_type: "Raw",
             })
             .collect(),
-        net: spec
-            .net
-            .iter()
-            .map(|n| NetConfig {
-                tap: n.tap.clone(),
-                mac: n.mac.clone(),
-                id: "net0".into(),
-            })
-            .collect(),
         rng: RngConfig {
             src: "/dev/urandom".into(),
         },
@@ -79,12 +85,14 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
 
 /// Rewrites a snapshot's `config.json` (parsed) for the VM that restores
 /// it: `vm.restore` takes the whole VM configuration from that file, and
-/// the spec's `RestoreConfig` has no way to change paths (the VMM's
-/// `net_fds` is not in the spec and passes fds, not names). A template
-/// clone or a woken sandbox has its own writable disk, vsock socket and
-/// network slot, so the paths are replaced here; everything else (device
-/// ids, PCI layout, MAC) must stay as it was, because the saved device
-/// state refers to it. The shape (vCPUs, memory) must match the spec.
+/// `RestoreConfig` has no way to change paths. A template clone or a woken
+/// sandbox has its own writable disk, vsock socket and network slot, so
+/// the paths are replaced here; everything else (device ids, PCI layout,
+/// MAC) must stay as it was, because the saved device state refers to it.
+/// The network device is marked as backed by one descriptor (`fds: [-1]`,
+/// no TAP name), which `vm.restore`'s `net_fds` then supplies; a snapshot
+/// of an older VM whose TAP was opened by name is converted the same way.
+/// The shape (vCPUs, memory) must match the spec.
 pub fn rewrite_for_restore(
     config: &mut Value,
     spec: &VmSpec,
@@ -169,8 +177,14 @@ pub fn rewrite_for_restore(
                 .as_object_mut()
                 .ok_or("config.json: the network device is not an object")?;
             // The guest side (MAC, IP) is the same on every slot; only the
-            // host's TAP differs.
-            n.insert("tap".into(), Value::String(net.tap.clone()));
+            // host's TAP differs, and it comes as a descriptor.
+            if n.get("id").and_then(Value::as_str) != Some(NET_ID) {
+                return Err(format!(
+                    "its network device is not {NET_ID:?}, the one Somna gives every VM"
+                ));
+            }
+            n.remove("tap");
+            n.insert("fds".into(), serde_json::json!([-1]));
             n.insert("mac".into(), Value::String(net.mac.clone()));
         }
         (Some(nets), None) => {
@@ -259,7 +273,14 @@ mod tests {
         assert_eq!(c["disks"][0]["readonly"], true);
         assert_eq!(c["disks"][1]["path"], "/r/rw.ext4");
         assert_eq!(c["disks"][1]["image_type"], "Raw");
-        assert_eq!(c["net"][0]["tap"], "tap0");
+        // The network device comes with its TAP's fd, through vm.add-net.
+        assert!(c.get("net").is_none());
+        let net = serde_json::to_value(net_config(&spec("/r/rw.ext4", Some("tap0")))).unwrap();
+        assert_eq!(
+            net,
+            serde_json::json!({"mac": "02:00:00:00:00:01", "id": "net0"})
+        );
+        assert!(net_config(&spec("/r/rw.ext4", None)).is_none());
         assert_eq!(c["vsock"]["socket"], "/r/vsock.sock");
         assert_eq!(c["vsock"]["cid"], 3);
         assert_eq!(c["serial"]["mode"], "Tty");
@@ -270,9 +291,6 @@ mod tests {
                 .unwrap()
                 .contains("pci=off")
         );
-        let c =
-            serde_json::to_value(vm_config(&spec("/r/rw.ext4", None), Path::new("/v"))).unwrap();
-        assert!(c.get("net").is_none());
     }
 
     #[test]
@@ -280,8 +298,12 @@ mod tests {
         let template = spec("/templates/k/rw.ext4", Some("tap-old"));
         let mut config =
             serde_json::to_value(vm_config(&template, Path::new("/vms/tpl/vsock.sock"))).unwrap();
-        // What the VMM adds when it writes config.json is kept.
+        // What the VMM adds when it writes config.json is kept. An older
+        // snapshot's TAP was opened by name; it becomes fd-backed.
         config["disks"][1]["num_queues"] = 1.into();
+        config["net"] = serde_json::json!([
+            {"tap": "tap-old", "mac": "02:00:00:00:00:09", "id": "net0", "num_queues": 2}
+        ]);
         rewrite_for_restore(
             &mut config,
             &spec("/vms/sbx-2/rw.ext4", Some("tap-new")),
@@ -291,7 +313,10 @@ mod tests {
         assert_eq!(config["disks"][1]["path"], "/vms/sbx-2/rw.ext4");
         assert_eq!(config["disks"][1]["num_queues"], 1);
         assert_eq!(config["disks"][0]["path"], "/c/root.ext4");
-        assert_eq!(config["net"][0]["tap"], "tap-new");
+        assert!(config["net"][0].get("tap").is_none());
+        assert_eq!(config["net"][0]["fds"], serde_json::json!([-1]));
+        assert_eq!(config["net"][0]["num_queues"], 2);
+        assert_eq!(config["net"][0]["mac"], "02:00:00:00:00:01");
         assert_eq!(config["vsock"]["socket"], "/vms/sbx-2/vsock.sock");
         assert_eq!(config["vsock"]["cid"], 3);
     }

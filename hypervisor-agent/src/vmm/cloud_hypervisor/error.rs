@@ -101,6 +101,17 @@ pub enum ChError {
     #[error("cloud-hypervisor {binary}: {what}")]
     Unsupported { binary: PathBuf, what: String },
 
+    /// The jail for a VMM process could not be prepared.
+    #[error("cloud-hypervisor {binary}: {source}")]
+    Jail {
+        binary: PathBuf,
+        source: crate::jail::JailError,
+    },
+
+    /// The VM's TAP could not be opened in its network slot.
+    #[error("{what}")]
+    Tap { what: String },
+
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -3,20 +3,25 @@
 //! a Unix socket, following its OpenAPI spec.
 //!
 //! One process per VM, started as `cloud-hypervisor --api-socket
-//! path=<run dir>/api.sock` (so crash recovery recognises it by its command
-//! line), in the network namespace of the VM's slot when it has one. Then:
+//! path=<run dir>/api.sock --seccomp true` (so crash recovery recognises it
+//! by its command line), in the VMM jail ([`crate::jail`]: its own uid,
+//! namespaces, cgroup) unless the jail is off. The VMM never opens a TAP:
+//! the agent opens the slot's TAP and passes it with the API request
+//! ([`fds`]). Then:
 //!
 //! - boot: `vmm.ping` (version check) → `vm.create` (payload: kernel,
-//!   initramfs, cmdline; vCPUs; memory; disks by serial; the slot's TAP;
-//!   hybrid vsock; serial console) → `vm.boot`;
-//! - light sleep: `vm.pause` → `vm.snapshot` into a directory
-//!   (`config.json`, `state.json`, `memory-ranges`: RAM is always in the
-//!   snapshot) → `vm.shutdown` + `vmm.shutdown`;
+//!   initramfs, cmdline; vCPUs; memory; disks by serial; hybrid vsock;
+//!   serial console) → `vm.add-net` with the TAP's fd → `vm.boot`;
+//! - light sleep: `vm.pause` → `vm.snapshot` into a directory of the run
+//!   directory (`config.json`, `state.json`, `memory-ranges`: RAM is always
+//!   in the snapshot), handed to the agent's user and moved where the agent
+//!   asked → `vm.shutdown` + `vmm.shutdown`;
 //! - wake / template clone: a fresh process → `vm.restore` from a per-VM
-//!   copy of the snapshot's small files ([`snapshot`]) with
-//!   `memory_restore_mode` `CopyOnWrite`, else `OnDemand`, else `Copy` (the
-//!   mode used is logged and kept, [`crate::vmm::Vm::restore_mode`]) and
-//!   `resume` as asked → `vm.info` to check the state;
+//!   copy of the snapshot's small files ([`snapshot`]) with the TAP's fd
+//!   (`net_fds`), `memory_restore_mode` `CopyOnWrite`, else `OnDemand`,
+//!   else `Copy` (the mode used is logged and kept,
+//!   [`crate::vmm::Vm::restore_mode`]) and `resume` as asked → `vm.info` to
+//!   check the state;
 //! - GPU groundwork: `vm.add-device` / `vm.remove-device` (VFIO) and
 //!   [`VmmCapabilities`] (GPUs bound to `vfio-pci` on this host).
 //!
@@ -35,6 +40,7 @@
 mod api;
 mod config;
 mod error;
+pub mod fds;
 mod process;
 pub mod snapshot;
 mod types;
@@ -44,7 +50,9 @@ mod vm;
 pub mod vsock;
 
 use std::collections::HashSet;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -58,11 +66,12 @@ pub use vfio::host_gpus;
 pub use vm::ChVm;
 
 use process::{ChProcess, Outputs, resolve_binary};
-use types::RestoreConfig;
+use types::{RestoreConfig, RestoredNetConfig};
 
 use super::{
     Accelerator, AgentEndpoint, ChannelKind, Incoming, Vm, VmSpec, Vmm, VmmCapabilities, VmmError,
 };
+use crate::jail::{Jail, JailedLaunch, VmmFiles};
 use crate::rundir::VmDir;
 
 /// The API socket in a run directory.
@@ -113,6 +122,7 @@ pub struct CloudHypervisorVmm {
     /// Modes this binary refused as unknown (not tried again) or could not
     /// use on this host (userfaultfd unavailable).
     refused_modes: std::sync::Mutex<HashSet<MemoryRestoreMode>>,
+    jail: Jail,
 }
 
 impl std::fmt::Debug for CloudHypervisorVmm {
@@ -147,6 +157,7 @@ async fn probe_resolved(binary: &Path, options: &ChOptions) -> Result<ChVersion,
     )))?;
     let dir = VmDir::open(scratch);
     let result = async {
+        // Unjailed: it runs no guest and is asked only its version.
         let process = spawn(binary, &dir, None, true)?;
         let api = ApiClient::new(api_socket(&dir), binary.to_path_buf(), options.api_timeout);
         let version = async {
@@ -179,7 +190,7 @@ async fn probe_resolved(binary: &Path, options: &ChOptions) -> Result<ChVersion,
 fn spawn(
     binary: &Path,
     dir: &VmDir,
-    netns: Option<&Path>,
+    jail: Option<Arc<JailedLaunch>>,
     fresh_log: bool,
 ) -> Result<ChProcess, ChError> {
     for stale in [api_socket(dir), vsock_socket(dir)] {
@@ -209,7 +220,16 @@ fn spawn(
     } else {
         open_append(&dir.vmm_log())?
     };
-    ChProcess::spawn(binary, &api_socket(dir), Outputs { stdout, stderr }, netns)
+    ChProcess::spawn(binary, &api_socket(dir), Outputs { stdout, stderr }, jail)
+}
+
+/// A VMM process that answers its API.
+struct Started {
+    process: ChProcess,
+    api: ApiClient,
+    version: ChVersion,
+    /// Its jail's uid; None when unjailed.
+    uid: Option<u32>,
 }
 
 fn version_of(binary: &Path, ping: types::VmmPingResponse) -> Result<ChVersion, ChError> {
@@ -257,7 +277,14 @@ impl CloudHypervisorVmm {
             options,
             capabilities: VmmCapabilities { vfio: true, gpus },
             refused_modes: Default::default(),
+            jail: Jail::disabled(),
         })
+    }
+
+    /// Runs every VMM in `jail`.
+    pub fn with_jail(mut self, jail: Jail) -> Self {
+        self.jail = jail;
+        self
     }
 
     /// The resolved binary.
@@ -274,16 +301,30 @@ impl CloudHypervisorVmm {
         self.refused_modes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new VMM process for `dir`, answering its API with a supported
-    /// version. On error nothing is left running.
+    /// A new VMM process for `dir` (in its jail, which also shows it
+    /// `restore_from`), answering its API with a supported version. On
+    /// error nothing is left running.
     async fn start_process(
         &self,
         spec: &VmSpec,
         dir: &VmDir,
         fresh_log: bool,
-    ) -> Result<(ChProcess, ApiClient, ChVersion), ChError> {
-        let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-        let process = spawn(&self.binary, dir, netns, fresh_log)?;
+        restore_from: Option<&Path>,
+    ) -> Result<Started, ChError> {
+        let files = VmmFiles {
+            read_only: restore_from.into_iter().collect(),
+            ..Default::default()
+        };
+        let jailed = self
+            .jail
+            .prepare(spec, dir, &self.binary, &files)
+            .map_err(|source| ChError::Jail {
+                binary: self.binary.clone(),
+                source,
+            })?
+            .map(Arc::new);
+        let uid = jailed.as_ref().map(|j| j.uid());
+        let process = spawn(&self.binary, dir, jailed, fresh_log)?;
         let api = ApiClient::new(
             api_socket(dir),
             self.binary.clone(),
@@ -315,7 +356,12 @@ impl CloudHypervisorVmm {
         }
         .await;
         match ready {
-            Ok(version) => Ok((process, api, version)),
+            Ok(version) => Ok(Started {
+                process,
+                api,
+                version,
+                uid,
+            }),
             Err(e) => {
                 process.kill().await;
                 Err(e)
@@ -327,13 +373,21 @@ impl CloudHypervisorVmm {
         &self,
         spec: &VmSpec,
         dir: &VmDir,
-        (process, api, version): (ChProcess, ApiClient, ChVersion),
+        started: Started,
         restore_mode: Option<MemoryRestoreMode>,
     ) -> ChVm {
+        let Started {
+            process,
+            api,
+            version,
+            uid,
+        } = started;
         ChVm {
             id: spec.id.clone(),
             process,
             api,
+            uid,
+            jail: self.jail.clone(),
             snapshot_timeout: self.options.snapshot_timeout,
             endpoint: AgentEndpoint::HybridVsock {
                 socket: vsock_socket(dir),
@@ -347,20 +401,33 @@ impl CloudHypervisorVmm {
     }
 
     async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<ChVm, ChError> {
-        let (process, api, version) = self.start_process(spec, dir, true).await?;
+        let tap = super::open_tap(spec)
+            .await
+            .map_err(|what| ChError::Tap { what })?;
+        let started = self.start_process(spec, dir, true, None).await?;
+        let (process, api) = (&started.process, &started.api);
         let config = config::vm_config(spec, &vsock_socket(dir));
         let booted = async {
             api.create(&config).await?;
+            if let (Some(net), Some(tap)) = (config::net_config(spec), &tap) {
+                api.add_net(&net, tap.as_fd()).await?;
+            }
             api.action("vm.boot").await
         }
         .await;
+        // The VMM holds its own copy of the TAP now.
+        drop(tap);
         if let Err(e) = booted {
-            let e = vm::explain_exit(&process, e, dir);
+            let e = vm::explain_exit(process, e, dir);
             process.kill().await;
             return Err(e);
         }
-        info!(pid = process.pid(), "cloud-hypervisor VM booting");
-        Ok(self.vm(spec, dir, (process, api, version), None))
+        info!(
+            pid = process.pid(),
+            uid = started.uid,
+            "cloud-hypervisor VM booting"
+        );
+        Ok(self.vm(spec, dir, started, None))
     }
 
     /// Restores `incoming` with the first memory restore mode that works.
@@ -387,6 +454,17 @@ impl CloudHypervisorVmm {
             &vsock_socket(dir),
         )?;
         let source_url = snapshot::file_url(&source)?;
+        let tap = super::open_tap(spec)
+            .await
+            .map_err(|what| ChError::Tap { what })?;
+        let taps: Vec<_> = tap.iter().map(|t| t.as_fd()).collect();
+        let net_fds: Vec<RestoredNetConfig> = tap
+            .iter()
+            .map(|_| RestoredNetConfig {
+                id: config::NET_ID.into(),
+                num_fds: 1,
+            })
+            .collect();
         let modes: Vec<MemoryRestoreMode> = {
             let refused = self.refused();
             self.options
@@ -397,39 +475,43 @@ impl CloudHypervisorVmm {
                 .collect()
         };
         let mut attempts = Vec::new();
-        let mut current: Option<(ChProcess, ApiClient, ChVersion)> = None;
+        let mut current: Option<Started> = None;
         let mut fresh_log = true;
         for mode in modes {
-            let (process, api, version) = match current.take() {
+            let started = match current.take() {
                 Some(c) => c,
                 None => {
-                    let started = self.start_process(spec, dir, fresh_log).await?;
+                    let started = self
+                        .start_process(spec, dir, fresh_log, Some(&incoming.state))
+                        .await?;
                     fresh_log = false;
                     started
                 }
             };
+            let (process, api) = (&started.process, &started.api);
             let request = RestoreConfig {
                 source_url: source_url.clone(),
                 memory_restore_mode: mode,
                 resume: incoming.resume,
+                net_fds: net_fds.clone(),
             };
             let restored = api
                 .with_timeout(self.options.snapshot_timeout)
-                .restore(&request)
+                .restore(&request, &taps)
                 .await;
             let e = match restored {
-                Ok(()) => match self.settle(&api, incoming.resume).await {
+                Ok(()) => match self.settle(api, incoming.resume).await {
                     Ok(()) => {
-                        info!(pid = process.pid(), memory_restore_mode = %mode, resumed = incoming.resume, "cloud-hypervisor VM restored");
-                        return Ok(self.vm(spec, dir, (process, api, version), Some(mode)));
+                        info!(pid = process.pid(), uid = started.uid, memory_restore_mode = %mode, resumed = incoming.resume, "cloud-hypervisor VM restored");
+                        return Ok(self.vm(spec, dir, started, Some(mode)));
                     }
                     Err(e) => {
-                        let e = vm::explain_exit(&process, e, dir);
+                        let e = vm::explain_exit(process, e, dir);
                         process.kill().await;
                         return Err(e);
                     }
                 },
-                Err(e) => vm::explain_exit(&process, e, dir),
+                Err(e) => vm::explain_exit(process, e, dir),
             };
             let message = match &e {
                 ChError::Api {
@@ -447,13 +529,13 @@ impl CloudHypervisorVmm {
             }
             attempts.push(format!("{mode}: {message}"));
             if e.status() == Some(400) {
-                current = Some((process, api, version));
+                current = Some(started);
             } else {
-                process.kill().await;
+                started.process.kill().await;
             }
         }
-        if let Some((process, _, _)) = current {
-            process.kill().await;
+        if let Some(started) = current {
+            started.process.kill().await;
         }
         Err(ChError::RestoreFailed {
             binary: self.binary.clone(),

@@ -1,6 +1,6 @@
 //! The Cloud Hypervisor process: finding and checking the binary, starting
-//! it (in the network namespace of the VM's slot, when it has one),
-//! waiting for its API socket, and ending it. One task per process owns
+//! it (in its jail, when there is one), waiting for its API socket, and
+//! ending it. One task per process owns
 //! the child and reaps it; kills are requests to that task, so a kill can
 //! never hit a recycled PID.
 
@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use super::error::ChError;
+use crate::jail::JailedLaunch;
 use crate::vmm::VmExit;
 
 /// The absolute path of `binary`: as given when it names a path, else the
@@ -69,14 +70,15 @@ pub struct ChProcess {
 }
 
 impl ChProcess {
-    /// Starts `binary --api-socket path=<api_socket>` in its own process
-    /// group (a Ctrl-C meant for the agent must not reach it), inside
-    /// `netns` when given.
+    /// Starts `binary --api-socket path=<api_socket> --seccomp true` in its
+    /// own process group (a Ctrl-C meant for the agent must not reach it),
+    /// inside `jail` when given; the jail (its uid and cgroup) is held
+    /// until the process has been reaped.
     pub fn spawn(
         binary: &Path,
         api_socket: &Path,
         outputs: Outputs,
-        netns: Option<&Path>,
+        jail: Option<Arc<JailedLaunch>>,
     ) -> Result<ChProcess, ChError> {
         let socket = api_socket.to_string_lossy();
         if socket.contains(',') {
@@ -93,43 +95,33 @@ impl ChProcess {
         command
             .arg("--api-socket")
             .arg(format!("path={socket}"))
+            // The default, stated: the VMM's own syscall filter is part of
+            // the jail's layers.
+            .arg("--seccomp")
+            .arg("true")
             .stdin(Stdio::null())
             .stdout(outputs.stdout)
             .stderr(outputs.stderr)
             .process_group(0)
             .kill_on_drop(false);
-        let netns_file = netns
-            .map(|p| {
-                std::fs::File::open(p).map_err(|source| ChError::Io {
-                    what: format!("open network namespace {}", p.display()),
-                    source,
-                })
-            })
-            .transpose()?;
-        if let Some(ns) = &netns_file {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(ns);
-            // SAFETY: runs in the forked child before exec; setns(2) is a
-            // plain system call (async-signal-safe) on an fd that stays
-            // open in the parent until spawn returns.
+        if let Some(jail) = jail.clone() {
+            // SAFETY: runs in the forked child before exec; `enter` makes
+            // only system calls on data prepared in the parent.
             unsafe {
-                command.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                command.pre_exec(move || jail.enter());
             }
         }
         let mut child = command.spawn().map_err(|source| ChError::Spawn {
             binary: binary.to_path_buf(),
             source,
         })?;
-        drop(netns_file);
         let pid = child.id().unwrap_or(0);
         let (tx, rx) = watch::channel(None);
         let kill = Arc::new(Notify::new());
         let kill_rx = kill.clone();
         tokio::spawn(async move {
+            // The uid and cgroup stay taken until the process is gone.
+            let _jail = jail;
             let status = tokio::select! {
                 status = child.wait() => status,
                 _ = kill_rx.notified() => {

@@ -43,6 +43,44 @@ pub fn prepare_destination(dir: &Path) -> Result<(), ChError> {
     )))
 }
 
+/// Moves the snapshot directory `from` to `to`, replacing what is there
+/// (a consumed snapshot; a running VM restored from it keeps its open
+/// files). A rename, or a copy where `to` is on another file system.
+pub fn move_dir(from: &Path, to: &Path) -> Result<(), ChError> {
+    remove_path(to)?;
+    match std::fs::rename(from, to) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::create_dir_all(to).map_err(ChError::io(format!("create {}", to.display())))?;
+            let entries =
+                std::fs::read_dir(from).map_err(ChError::io(format!("list {}", from.display())))?;
+            for entry in entries {
+                let entry = entry.map_err(ChError::io(format!("list {}", from.display())))?;
+                let dest = to.join(entry.file_name());
+                std::fs::copy(entry.path(), &dest).map_err(ChError::io(format!(
+                    "copy {} to {}",
+                    entry.path().display(),
+                    dest.display()
+                )))?;
+            }
+            remove_path(from)?;
+        }
+        Err(e) => {
+            return Err(ChError::io(format!(
+                "move {} to {}",
+                from.display(),
+                to.display()
+            ))(e));
+        }
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(ChError::io(format!("sync {}", parent.display())))?;
+    }
+    Ok(())
+}
+
 /// Removes a file or a directory tree; missing is fine.
 pub fn remove_path(path: &Path) -> Result<(), ChError> {
     let result = match std::fs::symlink_metadata(path) {

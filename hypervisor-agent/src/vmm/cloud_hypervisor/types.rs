@@ -16,8 +16,6 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     pub payload: PayloadConfig,
     pub disks: Vec<DiskConfig>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub net: Vec<NetConfig>,
     pub rng: RngConfig,
     pub serial: ConsoleConfig,
     pub console: ConsoleConfig,
@@ -57,10 +55,10 @@ pub struct DiskConfig {
     pub image_type: &'static str,
 }
 
-/// `NetConfig`: an existing TAP device, opened by name.
+/// `NetConfig` for `vm.add-net`: no TAP name, because the TAP goes with
+/// the request as a file descriptor (the VMM never opens one itself).
 #[derive(Debug, Clone, Serialize)]
 pub struct NetConfig {
-    pub tap: String,
     pub mac: String,
     pub id: String,
 }
@@ -138,6 +136,20 @@ pub struct RestoreConfig {
     pub source_url: String,
     pub memory_restore_mode: MemoryRestoreMode,
     pub resume: bool,
+    /// The network devices that get new TAPs, passed with the request.
+    /// The published OpenAPI spec omits this field, but the VMM reads it
+    /// (`RestoreConfig::net_fds` in its `vmm/src/config.rs`,
+    /// `docs/snapshot_restore.md`); the contract tests declare it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub net_fds: Vec<RestoredNetConfig>,
+}
+
+/// One entry of `RestoreConfig::net_fds`: the device and how many of the
+/// request's descriptors are its queues.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredNetConfig {
+    pub id: String,
+    pub num_fds: usize,
 }
 
 /// `DeviceConfig`: a VFIO device by its sysfs path.

@@ -11,6 +11,7 @@ use super::process::ChProcess;
 use super::snapshot;
 use super::types::{DeviceConfig, MemoryRestoreMode, VmSnapshotConfig};
 use super::version::ChVersion;
+use crate::jail::Jail;
 use crate::rundir::VmDir;
 use crate::vmm::{AgentEndpoint, AttachedDevice, VfioDevice, Vm, VmExit, VmmError};
 
@@ -19,6 +20,9 @@ pub struct ChVm {
     pub(super) id: String,
     pub(super) process: ChProcess,
     pub(super) api: ApiClient,
+    /// The uid its jail runs it as; None when unjailed.
+    pub(super) uid: Option<u32>,
+    pub(super) jail: Jail,
     /// Bound on `vm.snapshot`.
     pub(super) snapshot_timeout: Duration,
     pub(super) endpoint: AgentEndpoint,
@@ -61,6 +65,9 @@ impl ChVm {
         Ok(self.explain(r)?)
     }
 }
+
+/// Where the VMM writes a snapshot, in its run directory.
+const SNAPSHOT_OUT: &str = "snapshot.out";
 
 /// When a call failed because the VMM is gone, say so (with its log).
 pub(super) fn explain_exit(process: &ChProcess, e: ChError, dir: &VmDir) -> ChError {
@@ -111,7 +118,9 @@ impl Vm for ChVm {
 
     /// `vm.snapshot` of the paused VM into the directory `path`. RAM always
     /// goes into the snapshot (`memory-ranges`): Cloud Hypervisor has no
-    /// way to leave it in a shared memory file.
+    /// way to leave it in a shared memory file. The jailed VMM sees only
+    /// its run directory, so it writes into `snapshot.out` there, which the
+    /// agent then takes back from its uid and moves to `path`.
     async fn save_state(&self, path: &Path, memory_in_file: bool) -> Result<(), VmmError> {
         let binary = self.process.binary().to_path_buf();
         if memory_in_file {
@@ -133,21 +142,36 @@ impl Vm for ChVm {
             }
             .into());
         }
-        snapshot::prepare_destination(path)?;
+        let out = self.dir.path().join(SNAPSHOT_OUT);
+        snapshot::prepare_destination(&out)?;
+        if let Some(uid) = self.uid {
+            std::os::unix::fs::chown(&out, Some(uid), None)
+                .map_err(ChError::io(format!("hand {} to uid {uid}", out.display())))?;
+        }
         let request = VmSnapshotConfig {
-            destination_url: snapshot::file_url(path)?,
+            destination_url: snapshot::file_url(&out)?,
         };
         let r = self
             .api
             .with_timeout(self.snapshot_timeout)
             .snapshot(&request)
             .await;
-        if let Err(e) = self.explain(r) {
+        let taken = async {
+            self.explain(r)?;
+            self.jail.reclaim(&out).map_err(|source| ChError::Jail {
+                binary: self.process.binary().to_path_buf(),
+                source,
+            })?;
+            snapshot::move_dir(&out, path)?;
+            snapshot::sync_dir(path)
+        }
+        .await;
+        if let Err(e) = taken {
             // Keep no half-written snapshot around (it can be as large as RAM).
+            let _ = snapshot::remove_path(&out);
             let _ = snapshot::remove_path(path);
             return Err(e.into());
         }
-        snapshot::sync_dir(path)?;
         Ok(())
     }
 

@@ -374,6 +374,7 @@ impl Agent {
                     serial: "somna-rw".into(),
                 },
             ],
+            disk_io: self.config.limits.disk_io,
             net: None,
             channel: self.vmm.channel(),
             accelerator: self.accel.accelerator,

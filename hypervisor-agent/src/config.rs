@@ -44,6 +44,8 @@ pub struct SandboxLimits {
     pub max_disk_mib: u32,
     pub min_memory_mib: u32,
     pub min_disk_mib: u32,
+    /// Disk throughput of each sandbox, all its disks together.
+    pub disk_io: crate::vmm::DiskIoLimit,
 }
 
 impl Default for SandboxLimits {
@@ -60,6 +62,7 @@ impl Default for SandboxLimits {
             max_disk_mib: 256 * 1024,
             min_memory_mib: 128,
             min_disk_mib: 64,
+            disk_io: crate::vmm::DiskIoLimit::DEFAULT,
         }
     }
 }

@@ -106,6 +106,7 @@ pub async fn probe_guest(
             "console=ttyS0 quiet panic=-1 somna.probe=1 somna.id={id} somna.channel=vsock"
         ),
         disks: Vec::new(),
+        disk_io: Default::default(),
         net: None,
         channel: ChannelKind::Vsock,
         accelerator: Accelerator::Kvm,

@@ -45,4 +45,4 @@ pub use network::{ActivityGuard, PortConnection};
 pub use sandbox::{SandboxInfo, SandboxRequest, SandboxState, StartMode};
 pub use somna_netd::{Counters as NetworkCounters, EgressPolicy, NetdConfig};
 pub use transfer::TransferLimits;
-pub use vmm::{Accelerator, ChannelKind};
+pub use vmm::{Accelerator, ChannelKind, DiskIoLimit};

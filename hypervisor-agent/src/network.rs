@@ -500,6 +500,7 @@ mod tests {
             initramfs: "/k/initramfs.img".into(),
             cmdline: String::new(),
             disks: Vec::new(),
+            disk_io: Default::default(),
             net: None,
             channel: ChannelKind::Serial,
             accelerator: Accelerator::Tcg,

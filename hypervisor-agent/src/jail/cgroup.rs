@@ -39,9 +39,6 @@ pub struct Limits {
     /// VMM's I/O and main threads.
     pub cpu_headroom_pct: u32,
     pub pids_max: u32,
-    /// Per direction, on the disk holding the VM's writable files.
-    pub io_bytes_per_sec: Option<u64>,
-    pub io_ops_per_sec: Option<u64>,
 }
 
 impl Default for Limits {
@@ -51,8 +48,6 @@ impl Default for Limits {
             tcg_overhead_mib: 256,
             cpu_headroom_pct: 0,
             pids_max: 512,
-            io_bytes_per_sec: Some(256 << 20),
-            io_ops_per_sec: Some(10_000),
         }
     }
 }
@@ -69,7 +64,10 @@ pub struct VmLimits {
     pub io: Option<IoLimit>,
 }
 
-/// Throttling of the whole disk `device` (major, minor), each direction.
+/// Throttling of the whole disk `device` (major, minor), each direction:
+/// the sandbox's [`crate::vmm::DiskIoLimit`] again, on the host disk that
+/// holds its writable layer (v1 throttles only direct I/O there; the VMM's
+/// own throttle is what holds on v1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoLimit {
     pub device: (u32, u32),
@@ -90,11 +88,11 @@ impl Limits {
             .iter()
             .find(|d| !d.read_only)
             .and_then(|d| whole_disk_of(&d.path))
-            .filter(|_| self.io_bytes_per_sec.is_some() || self.io_ops_per_sec.is_some())
+            .filter(|_| !spec.disk_io.is_unlimited())
             .map(|device| IoLimit {
                 device,
-                bytes_per_sec: self.io_bytes_per_sec,
-                ops_per_sec: self.io_ops_per_sec,
+                bytes_per_sec: spec.disk_io.bytes_per_sec,
+                ops_per_sec: spec.disk_io.ops_per_sec,
             });
         VmLimits {
             memory_bytes: (u64::from(spec.memory_mib) + overhead) << 20,

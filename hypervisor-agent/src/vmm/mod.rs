@@ -142,10 +142,37 @@ pub struct VmSpec {
     /// The complete kernel command line.
     pub cmdline: String,
     pub disks: Vec<DiskSpec>,
+    /// Throttling of all the VM's disks together, enforced by the VMM.
+    pub disk_io: DiskIoLimit,
     /// No network device when None (loopback only in the guest).
     pub net: Option<NetSpec>,
     pub channel: ChannelKind,
     pub accelerator: Accelerator,
+}
+
+/// How fast one VM may use its disks, all of them together, in each
+/// direction (reads and writes are counted apart). The VMM enforces it
+/// (QEMU's throttle group, Cloud Hypervisor's rate-limit group), so it
+/// holds for writes that go through the host's page cache, on cgroup v1
+/// hosts as well; the jail's cgroup repeats it on the host disk. None: no
+/// limit on that axis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskIoLimit {
+    pub bytes_per_sec: Option<u64>,
+    pub ops_per_sec: Option<u64>,
+}
+
+impl DiskIoLimit {
+    /// 256 MiB/s and 10,000 operations/s each way.
+    pub const DEFAULT: DiskIoLimit = DiskIoLimit {
+        bytes_per_sec: Some(256 << 20),
+        ops_per_sec: Some(10_000),
+    };
+
+    /// No limit at all.
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_sec.is_none() && self.ops_per_sec.is_none()
+    }
 }
 
 /// Where the host reaches the guest agent of a running VM.

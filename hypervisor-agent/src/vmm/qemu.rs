@@ -15,7 +15,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::qmp::{Qmp, QmpError};
-use super::{Accelerator, AgentEndpoint, ChannelKind, Incoming, Vm, VmExit, VmSpec, Vmm, VmmError};
+use super::{
+    Accelerator, AgentEndpoint, ChannelKind, DiskIoLimit, Incoming, Vm, VmExit, VmSpec, Vmm,
+    VmmError,
+};
 use crate::jail::Jail;
 use crate::process::ForeignProcess;
 use crate::rundir::VmDir;
@@ -154,11 +157,12 @@ impl QemuVmm {
         // An I/O error (the host's disk full under a sparse writable
         // layer) goes to the guest as EIO; QEMU's default would pause the
         // whole VM and leave the sandbox hanging.
+        let throttle = throttle_opts(spec.disk_io);
         for (i, disk) in spec.disks.iter().enumerate() {
             a.push("-drive".into());
             a.push(
                 format!(
-                    "id=disk{i},file={},format=raw,if=none,readonly={},discard=unmap,werror=report,rerror=report",
+                    "id=disk{i},file={},format=raw,if=none,readonly={},discard=unmap,werror=report,rerror=report{throttle}",
                     escape_opt(&path(&disk.path)),
                     if disk.read_only { "on" } else { "off" },
                 )
@@ -386,6 +390,23 @@ pub struct QemuVm {
     /// Set when a previous agent started the process (crash recovery): it
     /// is not our child, so it is waited for and killed through a pidfd.
     foreign: Option<Arc<ForeignProcess>>,
+}
+
+/// `-drive` options that put a disk into the VM's one throttle group
+/// (`io`): its disks share the budget, each direction counted apart.
+/// QEMU's default burst (a tenth of a second's worth) applies.
+fn throttle_opts(limit: DiskIoLimit) -> String {
+    if limit.is_unlimited() {
+        return String::new();
+    }
+    let mut o = String::new();
+    if let Some(b) = limit.bytes_per_sec {
+        o += &format!(",throttling.bps-read={b},throttling.bps-write={b}");
+    }
+    if let Some(n) = limit.ops_per_sec {
+        o += &format!(",throttling.iops-read={n},throttling.iops-write={n}");
+    }
+    o + ",throttling.group=io"
 }
 
 /// Migration bandwidth that never throttles (bytes/s).
@@ -628,6 +649,7 @@ mod tests {
                     serial: "somna-rw".into(),
                 },
             ],
+            disk_io: Default::default(),
             net: None,
             channel,
             accelerator: accel,
@@ -659,6 +681,28 @@ mod tests {
         );
         assert!(
             args.contains("-device virtio-net-device,netdev=net0,mac=02:73:6d:00:00:02"),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn every_disk_joins_the_vms_throttle_group() {
+        let dir = VmDir::open("/run/somna/vms/sbx-test".into());
+        let vmm = QemuVmm::new("qemu-system-x86_64".into(), ChannelKind::Serial);
+        let mut s = spec(ChannelKind::Serial, Accelerator::Tcg);
+        assert!(!joined(&vmm.args(&s, &dir, false)).contains("throttling"));
+        s.disk_io = DiskIoLimit {
+            bytes_per_sec: Some(1 << 20),
+            ops_per_sec: Some(100),
+        };
+        let args = joined(&vmm.args(&s, &dir, false));
+        let throttle = ",throttling.bps-read=1048576,throttling.bps-write=1048576,throttling.iops-read=100,throttling.iops-write=100,throttling.group=io";
+        assert_eq!(args.matches(throttle).count(), s.disks.len(), "{args}");
+        s.disk_io.ops_per_sec = None;
+        let args = joined(&vmm.args(&s, &dir, false));
+        assert!(!args.contains("iops"), "{args}");
+        assert!(
+            args.contains("bps-write=1048576,throttling.group=io"),
             "{args}"
         );
     }

@@ -51,6 +51,8 @@ fn spec(id: &str, dir: &VmDir, net: Option<&TestNetns>) -> VmSpec {
                 serial: "somna-rw".into(),
             },
         ],
+        // Limited, so the rate-limit group is checked against the spec too.
+        disk_io: somna_hypervisor_agent::DiskIoLimit::DEFAULT,
         net: net.map(|ns| NetSpec {
             tap: format!("tap-{id}"),
             netns: Some(ns.path()),

@@ -56,6 +56,14 @@ pub struct AgentArgs {
     /// Refuse file reads and writes larger than this many MiB.
     #[arg(long, default_value_t = 2048)]
     max_file_mib: u64,
+    /// Each sandbox's disk throughput in MiB/s per direction, all its
+    /// disks together (0: unlimited); the VMM enforces it.
+    #[arg(long, default_value_t = 256)]
+    disk_mib_per_sec: u64,
+    /// Each sandbox's disk operations per second per direction (0:
+    /// unlimited).
+    #[arg(long, default_value_t = 10_000)]
+    disk_iops: u64,
     /// Never contact a registry: only local layouts, oci: and
     /// docker-archive: images.
     #[arg(long)]
@@ -133,6 +141,10 @@ impl AgentArgs {
         config.jail.enabled = !self.no_jail;
         config.transfer.max_exec_output_bytes = self.max_exec_output_mib << 20;
         config.transfer.max_file_bytes = self.max_file_mib << 20;
+        config.limits.disk_io = somna_hypervisor_agent::DiskIoLimit {
+            bytes_per_sec: (self.disk_mib_per_sec > 0).then_some(self.disk_mib_per_sec << 20),
+            ops_per_sec: (self.disk_iops > 0).then_some(self.disk_iops),
+        };
         config.images.registry.enabled = !self.no_registries;
         if let Some(r) = self.default_registry {
             config.images.registry.default_registry = r;

@@ -318,6 +318,28 @@ async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
         "freed\n"
     );
 
+    // Disk flood: rewriting its disk with synchronous writes for 10 s, in
+    // the background; its VMM's throttle holds it, the host's page cache
+    // and disk stay usable for the neighbour.
+    let disk_flood = {
+        let o2 = client.attach(o.id());
+        tokio::spawn(async move {
+            o2.exec(
+                Command::from_argv([
+                    "sh",
+                    "-c",
+                    "while :; do dd if=/dev/zero of=/root/f bs=1M count=32 conv=fsync 2>/dev/null; done",
+                ])
+                .timeout(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    assert_neighbour_fine(&neighbour, idle, "a disk flood").await;
+    let out = disk_flood.await.unwrap();
+    assert!(out.timed_out, "{out:?}");
+
     // stdout flood, in the background while the neighbour works.
     let flood = {
         let o2 = client.attach(o.id());
@@ -353,6 +375,38 @@ async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
     o.destroy().await.unwrap();
     assert_eq!(sh(&neighbour, "echo ok").await.stdout_text(), "ok\n");
     neighbour.destroy().await.unwrap();
+}
+
+/// Disk I/O is throttled by the VMM (so also on cgroup v1 hosts, where the
+/// cgroup sees only direct I/O): at `--disk-mib-per-sec 2`, 8 MiB written
+/// with fsync, or read back past the guest's cache, take at least three
+/// seconds (one second of the 8 may come from the burst allowance).
+/// Unthrottled, each takes well under one second here.
+#[tokio::test]
+async fn disk_io_is_throttled_by_the_vmm() {
+    let _shared = somna_testkit::not_while_measuring().await;
+    let p = platform(&["--disk-mib-per-sec", "2"]);
+    let client = p.client().await;
+    let sb = client
+        .create_sandbox(CreateOptions::new("busybox").disk_mib(64))
+        .await
+        .unwrap();
+    let timed = |script: &'static str| {
+        let sb = &sb;
+        async move {
+            let t = std::time::Instant::now();
+            let out = sh(sb, script).await;
+            assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+            t.elapsed()
+        }
+    };
+    let write = timed("dd if=/dev/zero of=/root/f bs=1M count=8 conv=fsync 2>&1").await;
+    let read =
+        timed("echo 3 > /proc/sys/vm/drop_caches && dd if=/root/f of=/dev/null bs=1M 2>&1").await;
+    eprintln!("8 MiB at 2 MiB/s: write {write:?}, read {read:?}");
+    assert!(write >= Duration::from_secs(3), "write took {write:?}");
+    assert!(read >= Duration::from_secs(3), "read took {read:?}");
+    sb.destroy().await.unwrap();
 }
 
 /// A full host disk: a create fails with RESOURCE_EXHAUSTED and leaves

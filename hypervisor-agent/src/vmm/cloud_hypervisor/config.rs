@@ -24,10 +24,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::types::{
-    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
-    VmConfig, VsockConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    RateLimitGroupConfig, RateLimiterConfig, RngConfig, TokenBucket, VmConfig, VsockConfig,
 };
-use crate::vmm::VmSpec;
+use crate::vmm::{DiskIoLimit, VmSpec};
 
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
@@ -41,6 +41,29 @@ pub fn net_config(spec: &VmSpec) -> Option<NetConfig> {
         mac: n.mac.clone(),
         id: NET_ID.into(),
     })
+}
+
+/// The id of the rate-limit group all of a VM's disks share.
+pub const IO_GROUP: &str = "io";
+
+/// The disks' shared rate limiter: `spec`'s per-direction limit becomes a
+/// budget for reads and writes together (Cloud Hypervisor does not count
+/// them apart), refilled every 100 ms, so bursts stay as short as QEMU's.
+fn rate_limit_groups(limit: DiskIoLimit) -> Vec<RateLimitGroupConfig> {
+    if limit.is_unlimited() {
+        return Vec::new();
+    }
+    let bucket = |per_sec: u64| TokenBucket {
+        size: (per_sec / 10).max(1),
+        refill_time: 100,
+    };
+    vec![RateLimitGroupConfig {
+        id: IO_GROUP.into(),
+        rate_limiter_config: RateLimiterConfig {
+            bandwidth: limit.bytes_per_sec.map(bucket),
+            ops: limit.ops_per_sec.map(bucket),
+        },
+    }]
 }
 
 /// The `VmConfig` that boots `spec`, with its agent channel on
@@ -59,6 +82,7 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
             initramfs: spec.initramfs.clone(),
             cmdline: spec.cmdline.clone(),
         },
+        rate_limit_groups: rate_limit_groups(spec.disk_io),
         disks: spec
             .disks
             .iter()
@@ -68,6 +92,7 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
                 serial: d.serial.clone(),
                 id: d.serial.clone(),
                 image_type: "Raw",
+                rate_limit_group: (!spec.disk_io.is_unlimited()).then(|| IO_GROUP.into()),
             })
             .collect(),
         rng: RngConfig {
@@ -164,7 +189,21 @@ pub fn rewrite_for_restore(
             .ok_or("config.json: a disk is not an object")?;
         disk.insert("path".into(), path_value(&wanted.path));
         disk.insert("readonly".into(), Value::Bool(wanted.read_only));
+        // The limit is this agent's, not the one the snapshot was taken
+        // under (it is configuration, not device state).
+        match spec.disk_io.is_unlimited() {
+            true => disk.remove("rate_limit_group"),
+            false => disk.insert("rate_limit_group".into(), IO_GROUP.into()),
+        };
     }
+    let groups = rate_limit_groups(spec.disk_io);
+    match groups.is_empty() {
+        true => obj.remove("rate_limit_groups"),
+        false => obj.insert(
+            "rate_limit_groups".into(),
+            serde_json::to_value(groups).map_err(|e| e.to_string())?,
+        ),
+    };
 
     let nets = obj
         .get_mut("net")
@@ -250,6 +289,7 @@ mod tests {
                     serial: "somna-rw".into(),
                 },
             ],
+            disk_io: Default::default(),
             net: net.map(|tap| NetSpec {
                 tap: tap.into(),
                 netns: None,
@@ -273,6 +313,8 @@ mod tests {
         assert_eq!(c["disks"][0]["readonly"], true);
         assert_eq!(c["disks"][1]["path"], "/r/rw.ext4");
         assert_eq!(c["disks"][1]["image_type"], "Raw");
+        assert!(c.get("rate_limit_groups").is_none());
+        assert!(c["disks"][1].get("rate_limit_group").is_none());
         // The network device comes with its TAP's fd, through vm.add-net.
         assert!(c.get("net").is_none());
         let net = serde_json::to_value(net_config(&spec("/r/rw.ext4", Some("tap0")))).unwrap();
@@ -291,6 +333,38 @@ mod tests {
                 .unwrap()
                 .contains("pci=off")
         );
+    }
+
+    #[test]
+    fn all_disks_share_one_rate_limiter() {
+        let mut s = spec("/r/rw.ext4", None);
+        s.disk_io = DiskIoLimit {
+            bytes_per_sec: Some(10 << 20),
+            ops_per_sec: Some(1000),
+        };
+        let c = serde_json::to_value(vm_config(&s, Path::new("/r/vsock.sock"))).unwrap();
+        assert_eq!(
+            c["rate_limit_groups"],
+            serde_json::json!([{"id": "io", "rate_limiter_config": {
+                "bandwidth": {"size": 1048576, "refill_time": 100},
+                "ops": {"size": 100, "refill_time": 100},
+            }}])
+        );
+        for d in c["disks"].as_array().unwrap() {
+            assert_eq!(d["rate_limit_group"], "io");
+        }
+        // A restore gets this agent's limit, not the snapshot's: none...
+        let mut restored = c.clone();
+        let unlimited = spec("/r/rw2.ext4", None);
+        rewrite_for_restore(&mut restored, &unlimited, Path::new("/r/v2.sock")).unwrap();
+        assert!(restored.get("rate_limit_groups").is_none());
+        assert!(restored["disks"][1].get("rate_limit_group").is_none());
+        // ...or a new one.
+        s.disk_io.bytes_per_sec = Some(20 << 20);
+        rewrite_for_restore(&mut restored, &s, Path::new("/r/v2.sock")).unwrap();
+        let group = &restored["rate_limit_groups"][0];
+        assert_eq!(group["rate_limiter_config"]["bandwidth"]["size"], 2 << 20);
+        assert_eq!(restored["disks"][0]["rate_limit_group"], "io");
     }
 
     #[test]

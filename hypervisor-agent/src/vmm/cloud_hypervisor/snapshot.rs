@@ -206,6 +206,7 @@ mod tests {
                 read_only: false,
                 serial: "somna-rw".into(),
             }],
+            disk_io: Default::default(),
             net: None,
             channel: ChannelKind::Vsock,
             accelerator: Accelerator::Kvm,

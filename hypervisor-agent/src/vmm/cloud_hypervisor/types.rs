@@ -15,6 +15,9 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub payload: PayloadConfig,
+    /// One group, `io`, that all the disks share (absent when unlimited).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limit_groups: Vec<RateLimitGroupConfig>,
     pub disks: Vec<DiskConfig>,
     pub rng: RngConfig,
     pub serial: ConsoleConfig,
@@ -53,6 +56,32 @@ pub struct DiskConfig {
     pub id: String,
     /// Always `Raw`: never let the VMM guess a format from the content.
     pub image_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_group: Option<String>,
+}
+
+/// `RateLimitGroupConfig`: a rate limiter that several disks share.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateLimitGroupConfig {
+    pub id: String,
+    pub rate_limiter_config: RateLimiterConfig,
+}
+
+/// `RateLimiterConfig`: a byte and an operation budget (reads and writes
+/// together).
+#[derive(Debug, Clone, Serialize)]
+pub struct RateLimiterConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// `TokenBucket`: `size` tokens, refilled in `refill_time` milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenBucket {
+    pub size: u64,
+    pub refill_time: u64,
 }
 
 /// `NetConfig` for `vm.add-net`: no TAP name, because the TAP goes with

@@ -1,9 +1,10 @@
 //! Hardening, with real microVMs under TCG, run as root: every VMM runs
 //! jailed (own uid, no capabilities, no_new_privs, seccomp, own mount and
 //! network namespaces holding only its files) inside a cgroup with the
-//! sandbox's limits; exec output and file transfers are capped with clear
-//! outcomes; and a guest that forks, eats its RAM, fills its disk or floods
-//! stdout gets a definite outcome while its neighbour keeps answering.
+//! sandbox's limits; exec output, file transfers and disk I/O are capped
+//! with clear outcomes; and a guest that forks, eats its RAM, fills or
+//! floods its disk or floods stdout gets a definite outcome while its
+//! neighbour keeps answering.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -193,9 +194,9 @@ async fn vmm_runs_jailed_in_its_own_cgroup() {
 }
 
 #[tokio::test]
-async fn exec_output_and_file_transfers_are_capped() {
+async fn exec_output_file_transfers_and_disk_io_are_capped() {
     let _shared = somna_testkit::not_while_measuring().await;
-    let p = platform(&["--max-file-mib", "1"]);
+    let p = platform(&["--max-file-mib", "1", "--disk-mib-per-sec", "2"]);
     let client = p.client().await;
     let sb = client
         .create_sandbox(CreateOptions::new("busybox"))
@@ -267,6 +268,27 @@ async fn exec_output_and_file_transfers_are_capped() {
         .await
         .unwrap();
     assert_eq!(sb.read_file("/root/ok").await.unwrap().len(), 512 << 10);
+
+    // Disk I/O is throttled by the VMM (so also on cgroup v1 hosts, where
+    // the cgroup sees only direct I/O): at 2 MiB/s, 8 MiB written with
+    // fsync, or read back past the guest's cache, take at least three
+    // seconds (one of them may come from the burst allowance).
+    // Unthrottled, each takes well under one second here.
+    let timed = |script: &'static str| {
+        let sb = &sb;
+        async move {
+            let t = std::time::Instant::now();
+            let out = sh(sb, script).await;
+            assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+            t.elapsed()
+        }
+    };
+    let write = timed("dd if=/dev/zero of=/root/f bs=1M count=8 conv=fsync 2>&1").await;
+    let read =
+        timed("echo 3 > /proc/sys/vm/drop_caches && dd if=/root/f of=/dev/null bs=1M 2>&1").await;
+    eprintln!("8 MiB at 2 MiB/s: write {write:?}, read {read:?}");
+    assert!(write >= Duration::from_secs(3), "write took {write:?}");
+    assert!(read >= Duration::from_secs(3), "read took {read:?}");
     sb.destroy().await.unwrap();
 }
 
@@ -375,38 +397,6 @@ async fn abusive_guests_get_definite_outcomes_and_neighbours_keep_working() {
     o.destroy().await.unwrap();
     assert_eq!(sh(&neighbour, "echo ok").await.stdout_text(), "ok\n");
     neighbour.destroy().await.unwrap();
-}
-
-/// Disk I/O is throttled by the VMM (so also on cgroup v1 hosts, where the
-/// cgroup sees only direct I/O): at `--disk-mib-per-sec 2`, 8 MiB written
-/// with fsync, or read back past the guest's cache, take at least three
-/// seconds (one second of the 8 may come from the burst allowance).
-/// Unthrottled, each takes well under one second here.
-#[tokio::test]
-async fn disk_io_is_throttled_by_the_vmm() {
-    let _shared = somna_testkit::not_while_measuring().await;
-    let p = platform(&["--disk-mib-per-sec", "2"]);
-    let client = p.client().await;
-    let sb = client
-        .create_sandbox(CreateOptions::new("busybox").disk_mib(64))
-        .await
-        .unwrap();
-    let timed = |script: &'static str| {
-        let sb = &sb;
-        async move {
-            let t = std::time::Instant::now();
-            let out = sh(sb, script).await;
-            assert_eq!(out.exit_code, 0, "{script}: {out:?}");
-            t.elapsed()
-        }
-    };
-    let write = timed("dd if=/dev/zero of=/root/f bs=1M count=8 conv=fsync 2>&1").await;
-    let read =
-        timed("echo 3 > /proc/sys/vm/drop_caches && dd if=/root/f of=/dev/null bs=1M 2>&1").await;
-    eprintln!("8 MiB at 2 MiB/s: write {write:?}, read {read:?}");
-    assert!(write >= Duration::from_secs(3), "write took {write:?}");
-    assert!(read >= Duration::from_secs(3), "read took {read:?}");
-    sb.destroy().await.unwrap();
 }
 
 /// A full host disk: a create fails with RESOURCE_EXHAUSTED and leaves

@@ -40,6 +40,10 @@ struct Cli {
     /// costs).
     #[arg(long)]
     no_jail: bool,
+    /// The platform's `--template-memory` (copy, shared): what template
+    /// clones' RAM costs either way.
+    #[arg(long, default_value = "copy")]
+    template_memory: String,
     #[command(subcommand)]
     bench: Bench,
 }
@@ -172,6 +176,8 @@ async fn main() -> anyhow::Result<()> {
             if cli.no_jail {
                 opts.extra_args.push("--no-jail".into());
             }
+            opts.extra_args
+                .extend(["--template-memory".into(), cli.template_memory.clone()]);
             Some(Platform::start(opts))
         }
     };
@@ -206,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
         && cli.addr.is_none()
     {
         o.insert("jail".into(), json!(!cli.no_jail));
+        o.insert("template_memory".into(), json!(cli.template_memory));
     }
     println!("{result}");
     Ok(())

@@ -67,6 +67,36 @@ impl Default for SandboxLimits {
     }
 }
 
+/// How a template clone gets its RAM when the template's RAM is a file
+/// (QEMU). Cloud Hypervisor clones read RAM from the template's state,
+/// which their jail shows read-only, whichever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TemplateMemory {
+    /// A sparse copy of the template's RAM file (only the pages the
+    /// template touched, ~75 MB for busybox) becomes the clone's own
+    /// memory file. No clone can reach another's memory, and the clone's
+    /// first sleep is a light one.
+    #[default]
+    Copy,
+    /// Every clone maps the template's RAM file privately, so the pages it
+    /// has not written are shared in the page cache (denser). QEMU 7.2
+    /// opens that file read-write even so: a clone whose guest escaped
+    /// into its VMM could change the RAM of the template's other clones.
+    /// Only for hosts whose sandboxes all trust each other (one tenant).
+    Shared,
+}
+
+impl std::str::FromStr for TemplateMemory {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "copy" => Ok(TemplateMemory::Copy),
+            "shared" => Ok(TemplateMemory::Shared),
+            other => Err(format!("{other:?}: give copy or shared")),
+        }
+    }
+}
+
 /// Which VMM runs this host's sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum VmmKind {
@@ -109,6 +139,8 @@ pub struct AgentConfig {
     /// Build a template snapshot per (image, size) and create sandboxes by
     /// restoring it.
     pub templates: bool,
+    /// How a template clone gets its RAM (QEMU, where it is a file).
+    pub template_memory: TemplateMemory,
     /// Warm pools of restored, paused VMs, per image (default sizes).
     pub warm_pools: Vec<WarmPoolSpec>,
     /// Check snapshot checksums before every wake (and templates once per
@@ -172,6 +204,7 @@ impl AgentConfig {
             boot_timeout: Duration::from_secs(60),
             limits: SandboxLimits::default(),
             templates: true,
+            template_memory: TemplateMemory::Copy,
             warm_pools: Vec::new(),
             verify_snapshots: true,
             images: somna_images::ImageStoreOptions::default(),

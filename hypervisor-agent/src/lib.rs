@@ -37,7 +37,9 @@ pub mod vmm;
 
 pub use accel::{AccelChoice, AccelMode};
 pub use agent::{Agent, HostInfo, PoolInfo, TemplateInfo};
-pub use config::{AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, VmmKind, WarmPoolSpec};
+pub use config::{
+    AgentConfig, ChannelMode, GuestArtifacts, SandboxLimits, TemplateMemory, VmmKind, WarmPoolSpec,
+};
 pub use error::AgentError;
 pub use images::PulledImage;
 pub use jail::{CgroupLayout, JailConfig, Limits as VmmLimits, VmmFiles};

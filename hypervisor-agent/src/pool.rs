@@ -22,6 +22,8 @@ pub(crate) struct PooledVm {
     pub dir: VmDir,
     pub live: LiveVm,
     pub root: RootDisk,
+    /// Where its RAM lives (`Agent::clone_memory_mode`).
+    pub memory: MemoryMode,
     /// Its network slot (dropped after the VM: field order).
     pub net: Option<crate::network::SlotLease>,
 }
@@ -169,6 +171,7 @@ async fn fill_once(agent: &Arc<Agent>, index: usize) -> Result<(), AgentError> {
             dir,
             live,
             root: root.clone(),
+            memory: agent.clone_memory_mode(&template),
             net,
         });
     }
@@ -192,6 +195,7 @@ impl Agent {
             dir,
             live,
             root,
+            memory,
             net,
         } = pooled;
         let sandbox = self.new_sandbox(
@@ -202,7 +206,7 @@ impl Agent {
             shape,
             dir,
             StartMode::WarmPool,
-            MemoryMode::TemplateCow,
+            memory,
         );
         self.insert(sandbox.clone());
         if let Err(e) = sandbox.net.adopt(net) {

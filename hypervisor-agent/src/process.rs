@@ -27,6 +27,25 @@ pub fn is_vmm_of(pid: u32, run_dir: &Path) -> bool {
     cmdline(pid).is_some_and(|args| args.iter().any(|a| a.contains(dir.as_ref())))
 }
 
+/// The effective uid and gid of `pid` (those a jailed VMM runs as).
+pub fn owner(pid: u32) -> io::Result<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("no {name} line in /proc/{pid}/status"),
+                )
+            })
+    };
+    Ok((field("Uid:")?, field("Gid:")?))
+}
+
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };

@@ -24,8 +24,8 @@ use crate::process::{self, ForeignProcess};
 use crate::record::{RecordedMemory, SandboxRecord};
 use crate::rundir::{self, VmDir};
 use crate::sandbox::{SandboxRequest, SandboxState, StartMode};
-use crate::vmm::Vm;
 use crate::vmm::qemu::QemuVm;
+use crate::vmm::{Vm, VmmError, cloud_hypervisor};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -55,7 +55,9 @@ pub async fn recover(vms_dir: &Path) -> Recovery {
         let mut rescued = false;
         if let Some(process) = recorded_vmm(&dir) {
             let outcome = match &record {
-                Some(r) if r.vmm == "qemu" => rescue(Arc::new(process), &dir, r).await,
+                Some(r) if RESCUABLE.contains(&r.vmm.as_str()) => {
+                    rescue(Arc::new(process), &dir, r).await
+                }
                 _ => stop(&process, &dir).await.map(|()| false),
             };
             match outcome {
@@ -165,7 +167,10 @@ async fn stop(process: &ForeignProcess, dir: &VmDir) -> Result<(), ()> {
     }
 }
 
-/// Puts a sandbox's still-running QEMU to sleep the way `Agent::sleep`
+/// The VMMs whose running sandboxes a restarted agent puts to sleep.
+const RESCUABLE: [&str; 2] = ["qemu", "cloud-hypervisor"];
+
+/// Puts a sandbox's still-running VMM to sleep the way `Agent::sleep`
 /// would, and records it asleep. Ok(true): sealed; Ok(false): it could not
 /// be saved and was killed; Err: it could not even be killed.
 async fn rescue(
@@ -179,29 +184,17 @@ async fn rescue(
     if let Ok(old) = Snapshot::open(dir.path()) {
         let _ = old.unseal();
     }
-    let layout = match record.memory {
-        RecordedMemory::Own => MemoryLayout::File,
-        RecordedMemory::TemplateCow => MemoryLayout::Stream,
+    let saved = match record.vmm.as_str() {
+        "qemu" => save_qemu(&process, dir, record).await,
+        _ => save_cloud_hypervisor(&process, dir).await,
     };
-    let vm = QemuVm::adopt(process.clone(), dir);
-    // A sleep saves the VM with the host connected to its guest channel.
-    // Do the same: with nobody on the serial socket, data the guest has in
-    // flight stalls its port, and the stall would be saved with it (the
-    // guest agent would never answer after the wake).
-    let _channel = tokio::net::UnixStream::connect(dir.agent_socket())
-        .await
-        .ok();
-    let saved = async {
-        vm.undo_finished_save().await?;
-        vm.pause().await?;
-        vm.save_state(&dir.state_file(), layout == MemoryLayout::File)
-            .await
-    }
-    .await;
-    if let Err(e) = saved {
-        warn!(id = %record.id, error = %e, "cannot save a running sandbox left by the previous agent; it is discarded");
-        return stop(&process, dir).await.map(|()| false);
-    }
+    let (vm, layout) = match saved {
+        Ok(saved) => saved,
+        Err(e) => {
+            warn!(id = %record.id, error = %e, "cannot save a running sandbox left by the previous agent; it is discarded");
+            return stop(&process, dir).await.map(|()| false);
+        }
+    };
     vm.stop(VMM_STOP_GRACE).await;
     if let Err(e) = seal_snapshot(
         dir,
@@ -214,8 +207,60 @@ async fn rescue(
         return Ok(false);
     }
     release_snapshot(dir, layout);
-    info!(id = %record.id, elapsed_ms = started.elapsed().as_millis() as u64, "put a running sandbox left by the previous agent to sleep");
+    info!(id = %record.id, vmm = %record.vmm, elapsed_ms = started.elapsed().as_millis() as u64, "put a running sandbox left by the previous agent to sleep");
     Ok(true)
+}
+
+/// Pauses an adopted QEMU and saves its state (device state only when its
+/// RAM is its own memory file).
+async fn save_qemu(
+    process: &Arc<ForeignProcess>,
+    dir: &VmDir,
+    record: &SandboxRecord,
+) -> Result<(Box<dyn Vm>, MemoryLayout), VmmError> {
+    let layout = match record.memory {
+        RecordedMemory::Own => MemoryLayout::File,
+        RecordedMemory::TemplateCow => MemoryLayout::Stream,
+    };
+    let vm = QemuVm::adopt(process.clone(), dir);
+    // A sleep saves the VM with the host connected to its guest channel.
+    // Do the same: with nobody on the serial socket, data the guest has in
+    // flight stalls its port, and the stall would be saved with it (the
+    // guest agent would never answer after the wake).
+    let _channel = tokio::net::UnixStream::connect(dir.agent_socket())
+        .await
+        .ok();
+    vm.undo_finished_save().await?;
+    vm.pause().await?;
+    vm.save_state(&dir.state_file(), layout == MemoryLayout::File)
+        .await?;
+    Ok((Box::new(vm), layout))
+}
+
+/// Pauses an adopted Cloud Hypervisor (unless a sleep already had) and
+/// snapshots it, RAM included, then takes the snapshot back from the
+/// VMM's uid as the jail would.
+async fn save_cloud_hypervisor(
+    process: &Arc<ForeignProcess>,
+    dir: &VmDir,
+) -> Result<(Box<dyn Vm>, MemoryLayout), VmmError> {
+    let (uid, gid) = process::owner(process.pid()).map_err(|source| VmmError::Io {
+        what: format!("reading the owner of VMM process {}", process.pid()),
+        source,
+    })?;
+    let jailed = uid != 0;
+    let vm = cloud_hypervisor::adopt(process.clone(), dir, jailed.then_some(uid)).await?;
+    vm.pause_unless_paused().await?;
+    // What a sleep that died after saving left (it is saved again).
+    let state = dir.state_file();
+    if state.exists() {
+        let _ = std::fs::remove_dir_all(&state);
+    }
+    vm.save_state(&state, false).await?;
+    if jailed {
+        crate::jail::reclaim_for_group(&state, gid)?;
+    }
+    Ok((Box::new(vm), MemoryLayout::Stream))
 }
 
 impl Agent {

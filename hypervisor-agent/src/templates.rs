@@ -9,10 +9,10 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use somna_images::{Image, RootDisk};
 use somna_snapshotter::{MemoryLayout, Snapshot, SnapshotParts, Template, TemplateInputs};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agent::{Agent, Shape, TemplateInfo, VMM_STOP_GRACE};
-use crate::config::GuestArtifacts;
+use crate::config::{GuestArtifacts, TemplateMemory};
 use crate::error::AgentError;
 use crate::launch::{self, LaunchFailure};
 use crate::network::SlotLease;
@@ -279,10 +279,34 @@ impl Agent {
             let _ = dir.remove();
             return Err(AgentError::io("copy the template's writable disk")(e));
         }
-        // RAM: the template's memory file mapped privately, or (layout
-        // Stream, Cloud Hypervisor) inside the template's state, which the
-        // driver reads without changing it.
+        // RAM: a copy of the template's memory file, or that file mapped
+        // privately (`TemplateMemory`), or (layout Stream, Cloud
+        // Hypervisor) inside the template's state, which the driver reads
+        // without changing it.
         let (memory, memory_in_file) = match template.snapshot.memory_path() {
+            Some(path) if self.clone_memory_mode(template) == MemoryMode::Own => {
+                let copied = Instant::now();
+                // Then every block, as for any memory file the VM owns.
+                let made = somna_snapshotter::copy::copy_sparse(&path, &dir.memory_file())
+                    .map_err(|source| AgentError::MemoryFile {
+                        id: id.to_string(),
+                        memory_mib: shape.memory_mib,
+                        source,
+                    })
+                    .and_then(|()| self.allocate_memory(&dir, shape.memory_mib));
+                if let Err(e) = made {
+                    let _ = dir.remove();
+                    return Err(e);
+                }
+                debug!(%id, copy_ms = copied.elapsed().as_millis() as u64, "template RAM copied");
+                (
+                    MemoryBacking {
+                        path: dir.memory_file(),
+                        shared: true,
+                    },
+                    true,
+                )
+            }
             Some(path) => (
                 MemoryBacking {
                     path,
@@ -329,6 +353,17 @@ impl Agent {
         }
     }
 
+    /// Where a clone of `template` keeps its RAM: its own copy of the
+    /// template's memory file (`TemplateMemory::Copy`; it then sleeps and
+    /// wakes as any sandbox with its own memory file), or the template's
+    /// file, mapped privately.
+    pub(crate) fn clone_memory_mode(&self, template: &Template) -> MemoryMode {
+        match (template.snapshot.memory_path(), self.config.template_memory) {
+            (Some(_), TemplateMemory::Copy) => MemoryMode::Own,
+            _ => MemoryMode::TemplateCow,
+        }
+    }
+
     /// Creates a sandbox by restoring the image's template.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn create_from_template(
@@ -350,7 +385,7 @@ impl Agent {
             shape,
             dir,
             StartMode::Template,
-            MemoryMode::TemplateCow,
+            self.clone_memory_mode(template),
         );
         self.insert(sandbox.clone());
         if let Err(e) = sandbox.net.adopt(slot) {

@@ -181,10 +181,7 @@ impl Jail {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
-        // SAFETY: geteuid has no preconditions.
-        let agent = unsafe { libc::geteuid() };
-        chown_tree(path, agent, inner.gid)?;
-        restrict_tree(path)
+        reclaim_for_group(path, inner.gid)
     }
 
     /// Agent shutdown, after every VMM has exited: removes this agent's
@@ -256,10 +253,11 @@ impl Jail {
             if spec.memory.shared {
                 chown(mem)?;
             } else {
-                // A template's RAM, mapped privately by every clone. QEMU
-                // 7.2 opens it read-write even so (8.2 falls back to
-                // read-only), so the pool's group may write it: see README
-                // "Jail".
+                // A template's RAM, mapped privately by every clone
+                // (`--template-memory shared`; the default gives each clone
+                // a copy). QEMU 7.2 opens it read-write even so (8.2 falls
+                // back to read-only), so the pool's group may write it: see
+                // README "What a guest escape reaches".
                 use std::os::unix::fs::PermissionsExt;
                 std::os::unix::fs::chown(mem, None, Some(g))
                     .map_err(JailError::io("chown", mem))?;
@@ -354,6 +352,16 @@ fn agent_tag(data_dir: &Path) -> u32 {
         h = h.wrapping_mul(0x0100_0193);
     }
     h
+}
+
+/// [`Jail::reclaim`] without a jail: the tree becomes the agent's, readable
+/// by group `gid` only (crash recovery, before the jail is up, takes back
+/// the snapshot of a VMM whose gid it reads from the process).
+pub fn reclaim_for_group(path: &Path, gid: u32) -> Result<(), JailError> {
+    // SAFETY: geteuid has no preconditions.
+    let agent = unsafe { libc::geteuid() };
+    chown_tree(path, agent, gid)?;
+    restrict_tree(path)
 }
 
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {

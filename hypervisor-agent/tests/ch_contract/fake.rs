@@ -131,12 +131,14 @@ impl FakeCh {
             String::new()
         };
         let script = format!(
-            "#!/bin/sh\n\
+            "#!/bin/bash\n\
              # Stand-in for cloud-hypervisor in the contract tests.\n\
              [ \"$1\" = --api-socket ] || {{ echo \"unexpected arguments: $*\" >&2; exit 2; }}\n\
              {extra}\n\
              {announce_line}\n\
-             exec sleep 300\n"
+             # Keeps its arguments in its command line, as the real VMM\n\
+             # does (crash recovery recognises a VMM by its run directory).\n\
+             exec -a \"$0 $*\" sleep 300\n"
         );
         std::fs::write(&binary, script).unwrap();
         use std::os::unix::fs::PermissionsExt;

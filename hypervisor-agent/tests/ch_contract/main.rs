@@ -10,6 +10,7 @@
 mod fake;
 mod jailed;
 mod netns;
+mod recovery;
 mod spec;
 
 use std::path::Path;

@@ -45,6 +45,12 @@ pub struct AgentArgs {
     /// Do not build template snapshots (every create boots).
     #[arg(long)]
     no_templates: bool,
+    /// How a template clone gets its RAM under QEMU: `copy` (its own sparse
+    /// copy; clones cannot reach each other's memory) or `shared` (mapped
+    /// from the template's file, denser, but QEMU 7.2 lets a clone whose
+    /// guest escaped write it: single-tenant hosts only).
+    #[arg(long, default_value = "copy")]
+    template_memory: somna_hypervisor_agent::TemplateMemory,
     /// Run VMMs unjailed: as root, in the agent's namespaces, without
     /// cgroup limits (debugging only; see README "Jail").
     #[arg(long)]
@@ -138,6 +144,7 @@ impl AgentArgs {
         config.accel = self.accel;
         config.warm_pools = self.warm_pools;
         config.templates = !self.no_templates;
+        config.template_memory = self.template_memory;
         config.jail.enabled = !self.no_jail;
         config.transfer.max_exec_output_bytes = self.max_exec_output_mib << 20;
         config.transfer.max_file_bytes = self.max_file_mib << 20;

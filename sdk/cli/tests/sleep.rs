@@ -193,6 +193,24 @@ async fn idle_sandboxes_go_to_sleep_by_themselves() {
     assert_eq!(out.exit_code, 0);
 }
 
+/// `--template-memory copy` (the default): a clone's RAM is a file in its
+/// own run directory, and its jailed VMM cannot see the template's.
+fn assert_ram_is_its_own(p: &Platform, id: &str, memory_mib: u64) {
+    let dir = run_dir(p, id);
+    let mem = std::fs::metadata(dir.join("mem")).unwrap();
+    assert_eq!(mem.len(), memory_mib << 20, "{id}'s memory file");
+    let pid = std::fs::read_to_string(dir.join("vmm.pid")).unwrap();
+    let jail_root = std::path::PathBuf::from(format!("/proc/{}/root", pid.trim()));
+    let templates = p.data_dir().join("templates");
+    assert!(templates.is_dir());
+    let inside = jail_root.join(templates.strip_prefix("/").unwrap());
+    assert!(
+        !inside.exists(),
+        "{id}'s VMM sees the templates ({})",
+        inside.display()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn template_clones_have_their_own_identity() {
     // Ten 1-vCPU clones at once: allow them on a small CI host.
@@ -213,6 +231,7 @@ async fn template_clones_have_their_own_identity() {
             .await
             .unwrap();
         assert_eq!(sb.info().start_mode, StartMode::Template as i32);
+        assert_ram_is_its_own(&p, sb.id(), 256);
         let line = sh(&sb, "echo $(hostname) $(cat /etc/machine-id) $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')").await;
         let parts: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(parts.len(), 3, "{line}");
@@ -243,8 +262,8 @@ async fn template_clones_have_their_own_identity() {
         "the host did not report one template with 10 clones"
     );
 
-    // A clone sleeps (its RAM goes into the snapshot stream), wakes into
-    // a memory file of its own, and sleeps and wakes again.
+    // A clone sleeps (light: its RAM is already a file of its own) and
+    // wakes, twice.
     let sb = &sandboxes[0];
     sh(sb, "echo clone-data > /root/f").await;
     for _ in 0..2 {
@@ -358,7 +377,14 @@ async fn sleep_during_a_streaming_exec_ends_it_with_a_clear_error() {
 async fn warm_pool_creates_claim_a_ready_vm() {
     let mut o = Options::new(env!("CARGO_BIN_EXE_somna"));
     o.templates = true;
-    o.extra_args = vec!["--warm-pool".into(), "busybox=1".into()];
+    // The other way to give clones RAM: the template's file, mapped
+    // privately (the template test covers the default, copies).
+    o.extra_args = vec![
+        "--warm-pool".into(),
+        "busybox=1".into(),
+        "--template-memory".into(),
+        "shared".into(),
+    ];
     let p = Platform::start(o);
     let client = p.client().await;
     let pool_ready = || async {
@@ -382,7 +408,30 @@ async fn warm_pool_creates_claim_a_ready_vm() {
         .unwrap();
     assert_eq!(sb.info().start_mode, StartMode::WarmPool as i32);
     assert_eq!(sh(&sb, "hostname").await, sb.id());
+    // A pooled VM keeps the run directory it was pooled in.
+    let dir = std::fs::read_dir(p.data_dir().join("vms"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| {
+            std::fs::read(d.join("sandbox.json"))
+                .ok()
+                .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok())
+                .is_some_and(|r| r["id"] == sb.id())
+        })
+        .expect("the claimed VM's run directory");
+    assert!(
+        !dir.join("mem").exists(),
+        "a shared-memory clone has no memory file of its own"
+    );
     // The pool refills in the background.
     assert!(pool_ready().await, "the warm pool did not refill");
+    // Its first sleep puts its RAM into the snapshot stream; it wakes into
+    // a memory file of its own.
+    sh(&sb, "echo pooled > /root/f").await;
+    client.sleep_sandbox(sb.id()).await.unwrap();
+    assert!(dir.join("snapshot.json").exists());
+    client.wake_sandbox(sb.id()).await.unwrap();
+    assert_eq!(sh(&sb, "cat /root/f").await, "pooled");
+    assert!(dir.join("mem").exists());
     sb.destroy().await.unwrap();
 }

@@ -232,6 +232,41 @@ struct Started {
     uid: Option<u32>,
 }
 
+/// Takes over the VM that a previous agent's Cloud Hypervisor runs in
+/// `dir` (crash recovery), through its API socket and a pidfd. It is
+/// handled as unjailed (the agent's jail is not up yet): a snapshot it
+/// saves goes first to the VMM's `uid`, and the caller takes it back.
+pub async fn adopt(
+    foreign: Arc<crate::process::ForeignProcess>,
+    dir: &VmDir,
+    uid: Option<u32>,
+) -> Result<ChVm, ChError> {
+    // For messages only; a jailed VMM's path is the one in its jail.
+    let binary = std::fs::read_link(format!("/proc/{}/exe", foreign.pid()))
+        .unwrap_or_else(|_| PathBuf::from("cloud-hypervisor"));
+    let options = ChOptions::default();
+    let process = ChProcess::adopt(foreign, binary.clone());
+    let api = ApiClient::new(api_socket(dir), binary.clone(), options.api_timeout);
+    let r = api.ping().await;
+    let version = version_of(&binary, r.map_err(|e| vm::explain_exit(&process, e, dir))?)?;
+    Ok(ChVm {
+        id: dir.id(),
+        process,
+        api,
+        uid,
+        jail: Jail::disabled(),
+        snapshot_timeout: options.snapshot_timeout,
+        endpoint: AgentEndpoint::HybridVsock {
+            socket: vsock_socket(dir),
+            port: somna_proto::GUEST_VSOCK_PORT,
+        },
+        version,
+        restore_mode: None,
+        dir: dir.clone(),
+        devices: Default::default(),
+    })
+}
+
 fn version_of(binary: &Path, ping: types::VmmPingResponse) -> Result<ChVersion, ChError> {
     let release = Release::parse(&ping.version).ok_or_else(|| ChError::BadResponse {
         binary: binary.to_path_buf(),

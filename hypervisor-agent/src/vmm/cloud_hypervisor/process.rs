@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use super::error::ChError;
 use crate::jail::JailedLaunch;
+use crate::process::ForeignProcess;
 use crate::vmm::VmExit;
 
 /// The absolute path of `binary`: as given when it names a path, else the
@@ -151,6 +152,37 @@ impl ChProcess {
             exit: rx,
             kill,
         })
+    }
+
+    /// A VMM that a previous agent started (crash recovery), held through
+    /// its pidfd: waited for and killed through that, never by pid alone.
+    /// Its exit status belongs to its parent, so it is not known here.
+    pub fn adopt(foreign: Arc<ForeignProcess>, binary: PathBuf) -> ChProcess {
+        let pid = foreign.pid();
+        let (tx, rx) = watch::channel(None);
+        let kill = Arc::new(Notify::new());
+        let kill_rx = kill.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = foreign.exited() => {}
+                _ = kill_rx.notified() => {
+                    if let Err(e) = foreign.kill_and_wait(Duration::from_secs(10)).await {
+                        tracing::warn!(pid, error = %e, "cannot kill an adopted cloud-hypervisor");
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Some(VmExit {
+                code: None,
+                signal: None,
+            }));
+        });
+        ChProcess {
+            pid,
+            binary,
+            exit: rx,
+            kill,
+        }
     }
 
     pub fn pid(&self) -> u32 {

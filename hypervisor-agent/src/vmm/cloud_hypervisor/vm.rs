@@ -51,6 +51,15 @@ impl ChVm {
         self.explain(r)
     }
 
+    /// `vm.pause`, unless the VM is paused already (a VM taken over from a
+    /// previous agent that died in the middle of a sleep).
+    pub async fn pause_unless_paused(&self) -> Result<(), VmmError> {
+        if self.info().await?.state == super::types::VmState::Paused {
+            return Ok(());
+        }
+        self.pause().await
+    }
+
     fn devices(&self) -> std::sync::MutexGuard<'_, Vec<AttachedDevice>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }

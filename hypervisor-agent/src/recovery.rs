@@ -253,9 +253,7 @@ async fn save_cloud_hypervisor(
     vm.pause_unless_paused().await?;
     // What a sleep that died after saving left (it is saved again).
     let state = dir.state_file();
-    if state.exists() {
-        let _ = std::fs::remove_dir_all(&state);
-    }
+    let _ = cloud_hypervisor::snapshot::remove_path(&state);
     vm.save_state(&state, false).await?;
     if jailed {
         crate::jail::reclaim_for_group(&state, gid)?;

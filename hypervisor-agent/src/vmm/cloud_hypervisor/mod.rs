@@ -84,6 +84,14 @@ pub fn vsock_socket(dir: &VmDir) -> PathBuf {
     dir.path().join("vsock.sock")
 }
 
+/// Where the host reaches the guest agent of the VM in a run directory.
+fn agent_endpoint(dir: &VmDir) -> AgentEndpoint {
+    AgentEndpoint::HybridVsock {
+        socket: vsock_socket(dir),
+        port: somna_proto::GUEST_VSOCK_PORT,
+    }
+}
+
 /// Where a restore reads its (rewritten) snapshot from.
 pub fn restore_dir(dir: &VmDir) -> PathBuf {
     dir.path().join("restore")
@@ -256,10 +264,7 @@ pub async fn adopt(
         uid,
         jail: Jail::disabled(),
         snapshot_timeout: options.snapshot_timeout,
-        endpoint: AgentEndpoint::HybridVsock {
-            socket: vsock_socket(dir),
-            port: somna_proto::GUEST_VSOCK_PORT,
-        },
+        endpoint: agent_endpoint(dir),
         version,
         restore_mode: None,
         dir: dir.clone(),
@@ -424,10 +429,7 @@ impl CloudHypervisorVmm {
             uid,
             jail: self.jail.clone(),
             snapshot_timeout: self.options.snapshot_timeout,
-            endpoint: AgentEndpoint::HybridVsock {
-                socket: vsock_socket(dir),
-                port: somna_proto::GUEST_VSOCK_PORT,
-            },
+            endpoint: agent_endpoint(dir),
             version,
             restore_mode,
             dir: dir.clone(),

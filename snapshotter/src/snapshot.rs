@@ -140,7 +140,8 @@ fn check_file(path: &Path, size: u64, digest: &str) -> Result<(), SnapshotError>
             reason: format!("size is {found} bytes, the snapshot recorded {size}"),
         });
     }
-    let actual = file_digest(path).map_err(SnapshotError::io("checksum", path))?;
+    let actual =
+        crate::checksum::digest_like(path, digest).map_err(SnapshotError::io("checksum", path))?;
     if actual != digest {
         return Err(SnapshotError::Corrupt {
             path: path.to_path_buf(),
@@ -325,12 +326,11 @@ mod tests {
         (state, mem, disk)
     }
 
-    #[test]
-    fn seal_open_verify_and_detect_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let (state, mem, disk) = parts(dir.path());
+    /// A sealed snapshot of `parts` in `dir`, memory in its own file.
+    fn sealed(dir: &Path) -> (Snapshot, PathBuf, PathBuf, PathBuf) {
+        let (state, mem, disk) = parts(dir);
         let snap = Snapshot::seal(
-            dir.path(),
+            dir,
             SnapshotParts {
                 memory: MemoryLayout::File,
                 state: &state,
@@ -342,6 +342,13 @@ mod tests {
             },
         )
         .unwrap();
+        (snap, state, mem, disk)
+    }
+
+    #[test]
+    fn seal_open_verify_and_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snap, state, mem, _) = sealed(dir.path());
         assert_eq!(snap.meta().state.path, PathBuf::from("state"));
         let snap = Snapshot::open(dir.path()).unwrap();
         snap.verify().unwrap();
@@ -371,6 +378,38 @@ mod tests {
             Snapshot::open(dir.path()),
             Err(SnapshotError::Missing { .. })
         ));
+    }
+
+    /// A snapshot sealed by an older agent (whole-stream digests) is
+    /// verified by the method it recorded: a sandbox asleep across an
+    /// upgrade wakes, and damage to it is still found.
+    #[test]
+    fn snapshots_sealed_with_the_older_digest_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, state, mem, disk) = sealed(dir.path());
+        let meta_path = dir.path().join(META_FILE);
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+        for (part, path) in [("state", &state), ("memory_file", &mem), ("disk", &disk)] {
+            let old = crate::checksum::stream_digest(path).unwrap();
+            assert_ne!(meta[part]["digest"], old.as_str());
+            meta[part]["digest"] = old.into();
+        }
+        std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let snap = Snapshot::open(dir.path()).unwrap();
+        snap.verify().unwrap();
+
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(b"!").unwrap();
+        match snap.verify() {
+            Err(SnapshotError::Corrupt { path, reason }) => {
+                assert_eq!(path, mem);
+                assert!(reason.contains("recorded xxh3-128:"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
     }
 
     /// Cloud Hypervisor's snapshot is a directory; every file in it is

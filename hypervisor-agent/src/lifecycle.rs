@@ -5,7 +5,7 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use somna_snapshotter::{MemoryLayout, Snapshot, SnapshotParts, residency};
+use somna_snapshotter::{MemoryLayout, Snapshot, SnapshotError, SnapshotParts, residency};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::agent::{Agent, VMM_STOP_GRACE};
@@ -94,13 +94,12 @@ impl Agent {
         t.stop_ms = mark.elapsed().as_millis() as u64;
 
         let mark = Instant::now();
-        let sealed = seal_snapshot(
-            dir,
-            layout,
-            info.cpus,
-            info.memory_mib,
-            sandbox.root_disk_id.clone(),
-        );
+        let (owned, root_disk) = (dir.clone(), sandbox.root_disk_id.clone());
+        let (cpus, memory_mib) = (info.cpus, info.memory_mib);
+        let sealed = off_workers(dir, move || {
+            seal_snapshot(&owned, layout, cpus, memory_mib, root_disk)
+        })
+        .await;
         t.seal_ms = mark.elapsed().as_millis() as u64;
         crate::fault::point("sleep.sealed");
         if let Err(e) = sealed {
@@ -152,13 +151,17 @@ impl Agent {
                 return Err(self.fail_sandbox(sandbox, format!("its snapshot cannot be used: {e}")));
             }
         };
-        if self.config.verify_snapshots
-            && let Err(e) = snapshot.verify()
-        {
-            return Err(
-                self.fail_sandbox(sandbox, format!("its snapshot failed verification: {e}"))
-            );
-        }
+        let snapshot = if self.config.verify_snapshots {
+            match off_workers(dir, move || snapshot.verify().map(|()| snapshot)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return Err(self
+                        .fail_sandbox(sandbox, format!("its snapshot failed verification: {e}")));
+                }
+            }
+        } else {
+            snapshot
+        };
         let verify_ms = started.elapsed().as_millis() as u64;
         if snapshot.meta().root_disk != sandbox.root_disk_id {
             return Err(self.fail_sandbox(
@@ -345,6 +348,26 @@ impl Agent {
             state: "failed",
             detail: format!(": {reason}"),
         }
+    }
+}
+
+/// Runs snapshot work on `dir` (hashing its files: about a second per GiB
+/// the guest wrote) on tokio's blocking pool: on an async worker it would
+/// hold up other sandboxes' execs and API calls as long.
+async fn off_workers<T: Send + 'static>(
+    dir: &VmDir,
+    work: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, SnapshotError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(SnapshotError::Io {
+                what: "hash",
+                path: dir.path().to_path_buf(),
+                source: std::io::Error::other("the agent is shutting down"),
+            }),
+        },
     }
 }
 

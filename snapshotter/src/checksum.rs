@@ -31,9 +31,7 @@ const STREAM: &str = "xxh3-128:";
 /// file's length. Holes and written zeros are alike, so the digest depends
 /// only on the bytes, not on the layout.
 pub fn file_digest(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    no_readahead(&f);
+    let (mut f, len) = open_for_hashing(path)?;
     let mut h = Xxh3::new();
     let mut buf = vec![0u8; BUF];
     let zeros = [0u8; BLOCK];
@@ -44,6 +42,11 @@ pub fn file_digest(path: &Path) -> io::Result<String> {
         // Whole blocks, so none is hashed twice or cut at an extent's edge.
         let start = data_start / block * block;
         let end = data_end.div_ceil(block).saturating_mul(block).min(len);
+        if end <= pos {
+            return Err(io::Error::other(format!(
+                "the file system reported an empty data extent at byte {pos}"
+            )));
+        }
         f.seek(SeekFrom::Start(start))?;
         let mut offset = start;
         while offset < end {
@@ -56,11 +59,6 @@ pub fn file_digest(path: &Path) -> io::Result<String> {
                 }
                 offset += chunk.len() as u64;
             }
-        }
-        if end <= pos {
-            return Err(io::Error::other(format!(
-                "the file system reported an empty data extent at byte {pos}"
-            )));
         }
         pos = end;
     }
@@ -81,9 +79,7 @@ pub fn digest_like(path: &Path, recorded: &str) -> io::Result<String> {
 /// `xxh3-128:<hex>` of every byte of the file, holes hashed as the zeros
 /// they read as (the method before [`file_digest`]).
 pub(crate) fn stream_digest(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    no_readahead(&f);
+    let (mut f, len) = open_for_hashing(path)?;
     let mut h = Xxh3::new();
     let mut buf = vec![0u8; BUF];
     let zeros = vec![0u8; BUF];
@@ -108,6 +104,14 @@ pub(crate) fn stream_digest(path: &Path) -> io::Result<String> {
         pos = data_end;
     }
     Ok(format!("{STREAM}{:032x}", h.digest128()))
+}
+
+/// The file at `path` and its length, readahead off (see [`no_readahead`]).
+fn open_for_hashing(path: &Path) -> io::Result<(File, u64)> {
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    no_readahead(&f);
+    Ok((f, len))
 }
 
 /// Turns readahead off for `f`. A VM's memory file is fallocated in full:

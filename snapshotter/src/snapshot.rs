@@ -345,6 +345,22 @@ mod tests {
         (snap, state, mem, disk)
     }
 
+    /// Flips a byte of `mem` at `at`; `snap.verify()` must name `mem` as
+    /// corrupt with a reason containing `reason_has`.
+    fn assert_damage_in_memory_is_found(snap: &Snapshot, mem: &Path, at: u64, reason_has: &str) {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(mem).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(b"!").unwrap();
+        match snap.verify() {
+            Err(SnapshotError::Corrupt { path, reason }) => {
+                assert_eq!(path, mem);
+                assert!(reason.contains(reason_has), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+    }
+
     #[test]
     fn seal_open_verify_and_detect_damage() {
         let dir = tempfile::tempdir().unwrap();
@@ -355,17 +371,7 @@ mod tests {
         assert_eq!(snap.memory_path().unwrap(), mem);
 
         // A flipped byte in memory is found.
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
-        f.seek(SeekFrom::Start(1 << 20)).unwrap();
-        f.write_all(b"!").unwrap();
-        match snap.verify() {
-            Err(SnapshotError::Corrupt { path, reason }) => {
-                assert_eq!(path, mem);
-                assert!(reason.contains("checksum"), "{reason}");
-            }
-            other => panic!("expected corruption, got {other:?}"),
-        }
+        assert_damage_in_memory_is_found(&snap, &mem, 1 << 20, "checksum");
         // A missing part is named.
         std::fs::remove_file(&state).unwrap();
         match snap.verify() {
@@ -399,17 +405,7 @@ mod tests {
         let snap = Snapshot::open(dir.path()).unwrap();
         snap.verify().unwrap();
 
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
-        f.seek(SeekFrom::Start(3 << 20)).unwrap();
-        f.write_all(b"!").unwrap();
-        match snap.verify() {
-            Err(SnapshotError::Corrupt { path, reason }) => {
-                assert_eq!(path, mem);
-                assert!(reason.contains("recorded xxh3-128:"), "{reason}");
-            }
-            other => panic!("expected corruption, got {other:?}"),
-        }
+        assert_damage_in_memory_is_found(&snap, &mem, 3 << 20, "recorded xxh3-128:");
     }
 
     /// Cloud Hypervisor's snapshot is a directory; every file in it is
